@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The ONE script a session runs on a lent GPU machine (DESIGN.md "The lent GPU machines"):
+#   environment -> CUDA tests (dmd / backend / aot) -> bench/gpu_check.py (copy BW, correctness at real
+#   sizes, no-host-sync, timings) -> the compact table LAST. Logs and results go to $OUT (default
+#   /tmp/out): env.txt, pytest.log, gpu_check.log, gpu_check.json, gpu_check_table.md.
+# A failing part never stops the rest. Meant to finish in ~5 minutes on an H100.
+#
+#   device run:  bash bench/gpu_check.sh                       (the repo root is the working directory)
+#   dry run:     OUT=/tmp/gpucheck_dry PYTHON=/work/venv/bin/python bash bench/gpu_check.sh
+# Knobs (environment): PYTHON, GPU_CHECK_PYTEST_K (the -k expression), GPU_CHECK_PYTEST_EXTRA (extra
+# pytest args, word-split), GPU_CHECK_SKIP_PYTEST=1, GPU_CHECK_PYTEST_TIMEOUT (s, default 150),
+# GPU_CHECK_TIMEOUT (s, default 300), GPU_CHECK_BENCH=1 (also run `pytest bench/ --benchmark-only`;
+# GPU_CHECK_BENCH_TIMEOUT, default 300 s),
+# GPU_CHECK_COMPILE_BUDGET / GPU_CHECK_DEADLINE (seconds, read by gpu_check.py). Extra arguments are
+# passed to gpu_check.py (e.g. --dry-run, --no-compile, --cases flux2-1024-b24).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT="${OUT:-/tmp/out}"
+export OUT
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# Never run the GPU check under Triton's interpreter (tests/conftest.py sets it itself when there is no CUDA).
+unset TRITON_INTERPRET
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+T_START=$(date +%s)
+
+echo "== environment" | tee "$OUT/env.txt"
+{
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "host: $(hostname 2>/dev/null || echo '?')  python: $PY"
+  echo "commit: $(git rev-parse --verify -q HEAD 2>/dev/null || echo 'n/a (no git metadata)')"
+  nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>/dev/null || true
+  "$PY" - <<'EOF' 2>&1
+import sys, torch
+print(f"python {sys.version.split()[0]}  torch {torch.__version__} (cuda {torch.version.cuda})  cuda available: {torch.cuda.is_available()}")
+for name in ("triton", "pytest", "pytest_benchmark"):
+    try:
+        mod = __import__(name)
+        print(f"{name} {getattr(mod, '__version__', '?')}")
+    except Exception as exc:
+        print(f"{name}: not importable ({type(exc).__name__}: {exc})")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"gpu {p.name}  sm_{p.major}{p.minor}  {p.multi_processor_count} SMs  {p.total_memory / 2**30:.1f} GiB")
+EOF
+} 2>&1 | tee -a "$OUT/env.txt"
+
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  HAVE_CUDA=1
+else
+  HAVE_CUDA=0
+  echo "!! no CUDA: this is a DRY RUN (tests on CPU, gpu_check.py on tiny CPU shapes)"
+fi
+
+PYTEST_RC=skipped
+if [ "${GPU_CHECK_SKIP_PYTEST:-0}" != "1" ]; then
+  K="${GPU_CHECK_PYTEST_K:-dmd or backend or aot}"
+  echo
+  echo "== pytest tests/ -q -x -k \"$K\" ${GPU_CHECK_PYTEST_EXTRA:-}  (cuda=$HAVE_CUDA, t=$(( $(date +%s) - T_START ))s)"
+  # shellcheck disable=SC2086
+  timeout -k 10 "${GPU_CHECK_PYTEST_TIMEOUT:-150}" "$PY" -m pytest tests/ -q -x -k "$K" -p no:cacheprovider \
+    ${GPU_CHECK_PYTEST_EXTRA:-} 2>&1 | tee "$OUT/pytest.log"
+  PYTEST_RC=${PIPESTATUS[0]}
+  [ "$PYTEST_RC" = "124" ] && echo "!! pytest stopped by its timeout (${GPU_CHECK_PYTEST_TIMEOUT:-150}s)"
+  [ "$PYTEST_RC" = "5" ] && echo "!! pytest collected no tests for -k \"$K\""
+fi
+
+echo
+echo "== bench/gpu_check.py $* (t=$(( $(date +%s) - T_START ))s)"
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-300}" "$PY" bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+CHECK_RC=${PIPESTATUS[0]}
+[ "$CHECK_RC" = "124" ] && echo "!! gpu_check.py stopped by its timeout (${GPU_CHECK_TIMEOUT:-300}s); partial JSON in $OUT"
+
+BENCH_RC=skipped
+if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
+  echo
+  echo "== pytest bench/ --benchmark-only (t=$(( $(date +%s) - T_START ))s)"
+  timeout -k 10 "${GPU_CHECK_BENCH_TIMEOUT:-300}" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  BENCH_RC=$?
+  # only our compact tables (the full pytest-benchmark output is in bench.log)
+  sed -n '/^-* rtdmd /,$p' "$OUT/bench.log"
+fi
+
+echo
+echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+if [ -s "$OUT/gpu_check_table.md" ]; then
+  echo
+  cat "$OUT/gpu_check_table.md"
+else
+  echo "(no table: gpu_check.py did not get to its report; see $OUT/gpu_check.log and gpu_check.json)"
+fi
+[ "$PYTEST_RC" = "0" ] && [ "$CHECK_RC" = "0" ]

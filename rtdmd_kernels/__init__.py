@@ -1,0 +1,12 @@
+"""rtdmd_kernels: fused, exact kernels for DMD / AC-DMD distillation and flow-model GRPO.
+
+``import rtdmd_kernels as rk``. Imports torch only (and triton when installed). Every op runs on
+CPU or CUDA tensors; see ``rk.backend_for`` and API.md §1 for how the backend is chosen.
+"""
+
+from ._backend import backend_for, use_backend
+from .dmd import ac_dmd_loss, dmd_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["backend_for", "use_backend", "dmd_loss", "ac_dmd_loss", "__version__"]

@@ -1,0 +1,97 @@
+"""Argument checking and small helpers shared by every op (no kernels here)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+Scalar = float | torch.Tensor
+
+
+def check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension [B, ...], got a 0-d tensor")
+    return t
+
+
+def check_like(ref_name: str, ref: torch.Tensor, name: str, t: object) -> torch.Tensor:
+    """``t`` must be a float tensor with exactly ``ref``'s shape and device."""
+    t = check_tensor(name, t)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    return t
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    return float(eps)
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (the gradcheck/reference path), else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def schedule_value(name: str, value: Scalar, batch: int, device: torch.device) -> Scalar:
+    """A schedule scalar as a Python float, or as a float32 ``[B]`` tensor on ``device``.
+
+    Accepted: a Python number, or a tensor of shape ``[]``, ``[B]`` or ``[B, 1, ..., 1]``. A 0-d tensor is
+    expanded on the device (never read back to the host: that would sync).
+    """
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a float or a floating tensor, got dtype {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
+        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32  # float64 stays exact
+        if value.dim() == 0:
+            return value.to(dtype).expand(batch).contiguous()
+        if value.shape[0] != batch or value.numel() != batch:
+            raise ValueError(f"{name} must be a float or a tensor of shape [B]={[batch]}, got {tuple(value.shape)}")
+        return value.reshape(batch).to(dtype).contiguous()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def pack_schedule(
+    values: Sequence[Scalar], batch: int, device: torch.device
+) -> tuple[torch.Tensor | None, list[float]]:
+    """Per-sample scalars for a kernel: ``(None, floats)`` when all are Python floats, else a
+    contiguous ``[B, k]`` tensor (floats broadcast; float64 if any column is) and zeros."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return None, [float(v) for v in values]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    cols = [v.to(dtype) if isinstance(v, torch.Tensor) else torch.full((batch,), v, dtype=dtype, device=device)
+            for v in values]
+    return torch.stack(cols, dim=1).contiguous(), [0.0] * len(values)
+
+
+def as_column(value: Scalar, dtype: torch.dtype) -> Scalar:
+    """A per-sample value shaped ``[B, 1]`` for broadcasting against ``[B, D]`` (floats pass through)."""
+    return value.to(dtype).unsqueeze(1) if isinstance(value, torch.Tensor) else value
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous ``[B, D]`` view (copies only if ``t`` is not contiguous)."""
+    return t.contiguous().view(t.shape[0], math.prod(t.shape[1:]))

@@ -1,0 +1,513 @@
+"""DMD and AC-DMD generator losses (SPEC §3, §4.3): Triton kernels, a torch path, autograd, custom ops.
+
+What moves per element (fp32 inputs; bf16/fp16 halve the input bytes):
+  dmd_loss     pass A reads x, x_real            -> per-chunk partial sums of |x - x_real|   8 B
+               pass B reads x_fake, x_real        -> writes g (x.dtype), partial sums of g^2  12 B
+               backward reads g                   -> writes dx                               8 B
+  ac_dmd_loss  pass A reads x_s, x_t, v_real, [v_real_uncond], noise -> |x_s - xs_real|  16-20 B
+               pass B reads v_fake, v_real, [v_real_uncond]          -> g, g^2           12-16 B
+Why fused this way: the per-sample normalizer needs a full reduction before any g can be formed,
+so two passes are the minimum without a grid-wide barrier. Pass B forms g = x_fake - x_real
+directly (the reference's (x - x_real) - (x - x_fake) is the same up to rounding, and this needs
+no read of x); for AC-DMD the two CPS transitions share their noise, so
+xs_fake - xs_real = k(sigma_s, sigma_t, eta) * (v_fake - v_teacher) and pass B never reads x_t or the
+noise. Neither xs_real nor xs_fake is ever materialised. The gradient dL/dx = grad_out * g / N is
+made in the forward; backward only scales it. Partial sums are per (sample, chunk) and reduced in a
+fixed order, so results are deterministic and do not depend on the launch grid's scheduling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _common as C
+from ._backend import backend_for, triton_available
+
+__all__ = ["dmd_loss", "ac_dmd_loss"]
+
+NORMALIZE_MODES = ("per_sample", "global", "none")
+_NORM_CODE = {"per_sample": 0, "global": 1, "none": 2}
+
+BLOCK = 1024  # elements per inner iteration of a program
+NUM_WARPS = 4
+MAX_CHUNKS = 128  # chunks per sample: enough programs to fill a GPU at B = 8 and 512 px
+FINAL_BLOCK = 1024
+SCALE_BLOCK = 4096
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sched(sched_ptr, b, i: tl.constexpr, value, PER_SAMPLE: tl.constexpr):
+        # One per-sample schedule value: loaded from the [B, 5] table, or the scalar argument.
+        if PER_SAMPLE:
+            return tl.load(sched_ptr + b * 5 + i).to(tl.float32)
+        else:
+            return value
+
+    @triton.jit
+    def _teacher_velocity(v_ptr, vu_ptr, offs, mask, gs, HAS_UNCOND: tl.constexpr, POLICY: tl.constexpr):
+        # CFG combine in fp32: v_u + s * (v_c - v_u), or v_c alone.
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
+        if HAS_UNCOND:
+            vu = tl.load(vu_ptr + offs, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
+            v = vu + gs * (v - vu)
+        return v
+
+    @triton.jit
+    def _normalizer_partials_kernel(
+        x_ptr, r_ptr, v_ptr, vu_ptr, noise_ptr, part_ptr, sched_ptr,
+        s_s, s_t, gs, c_eta, s_eta,
+        D, CHUNK, S,
+        AC: tl.constexpr, HAS_UNCOND: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # Pass A: part[b, s] = sum over chunk s of sample b of |x - x_real| (x_real = xs_real for AC).
+        pid = tl.program_id(0)
+        b = pid // S
+        s = pid % S
+        base = b.to(tl.int64) * D
+        start = s.to(tl.int64) * CHUNK
+        if AC:
+            sig_s = _sched(sched_ptr, b, 0, s_s, PER_SAMPLE)
+            sig_t = _sched(sched_ptr, b, 1, s_t, PER_SAMPLE)
+            g_s = _sched(sched_ptr, b, 2, gs, PER_SAMPLE)
+            ce = _sched(sched_ptr, b, 3, c_eta, PER_SAMPLE)
+            se = _sched(sched_ptr, b, 4, s_eta, PER_SAMPLE)
+            # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (SPEC §2.1)
+            a = (1.0 - sig_s) + sig_s * ce
+            k = sig_s * ce * (1.0 - sig_t) - (1.0 - sig_s) * sig_t
+            c = sig_s * se
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            mask = offs < D
+            offs = base + offs
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            if AC:
+                xt = tl.load(r_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                v = _teacher_velocity(v_ptr, vu_ptr, offs, mask, g_s, HAS_UNCOND, "evict_last")
+                nz = tl.load(noise_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                real = a * xt + k * v + c * nz
+            else:
+                real = tl.load(r_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc += tl.abs(x - real)
+        tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _grad_kernel(
+        f_ptr, r_ptr, vu_ptr, g_ptr, part_ptr, norm_ptr, sq_ptr, sched_ptr,
+        s_s, s_t, gs, c_eta, s_eta,
+        D, CHUNK, S, count, eps, gmax,
+        AC: tl.constexpr, HAS_UNCOND: tl.constexpr, PER_SAMPLE: tl.constexpr,
+        NORM: tl.constexpr, S_BLOCK: tl.constexpr, STORE_G: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # Pass B: n_b from the partials, g = nan_to_num((x_fake - x_real) / n_b) clamped to the
+        # finite range of x's dtype, stored; sq[b, s] = sum of g^2 over the chunk.
+        # Samples run last-to-first: the x_real-side data pass A touched last is still in L2.
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+        b = pid // S
+        s = pid % S
+        if NORM == 0:
+            idx = tl.arange(0, S_BLOCK)
+            p = tl.load(part_ptr + b * S + idx, mask=idx < S, other=0.0)
+            n = tl.sum(p, axis=0) / count + eps
+        elif NORM == 1:
+            n = tl.load(part_ptr) / count + eps
+        else:
+            n = 1.0 + eps
+        if AC:
+            sig_s = _sched(sched_ptr, b, 0, s_s, PER_SAMPLE)
+            sig_t = _sched(sched_ptr, b, 1, s_t, PER_SAMPLE)
+            g_s = _sched(sched_ptr, b, 2, gs, PER_SAMPLE)
+            ce = _sched(sched_ptr, b, 3, c_eta, PER_SAMPLE)
+            # xs_fake - xs_real = k * (v_fake - v_teacher): the shared noise and x_t cancel.
+            k = sig_s * ce * (1.0 - sig_t) - (1.0 - sig_s) * sig_t
+        base = b.to(tl.int64) * D
+        start = s.to(tl.int64) * CHUNK
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            offs = start + i + tl.arange(0, BLOCK)
+            mask = offs < D
+            offs = base + offs
+            f = tl.load(f_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            if AC:
+                v = _teacher_velocity(r_ptr, vu_ptr, offs, mask, g_s, HAS_UNCOND, "evict_first")
+                diff = k * (f - v)
+            else:
+                r = tl.load(r_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                diff = f - r
+            g = diff / n
+            g = tl.where(g != g, 0.0, g)
+            g = tl.minimum(tl.maximum(g, -gmax), gmax)
+            g = tl.where(mask, g, 0.0)
+            if STORE_G:
+                tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+            acc += g * g
+        tl.store(sq_ptr + pid, tl.sum(acc, axis=0))
+        if s == 0:
+            tl.store(norm_ptr + b, n)
+
+    @triton.jit
+    def _finalize_kernel(sq_ptr, n_part, loss_ptr, gnorm_ptr, numel, BLOCK: tl.constexpr):
+        # loss = 0.5 * sum(g^2) / N and ||g||_2, reduced in a fixed order (deterministic).
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, n_part, BLOCK):
+            idx = i + tl.arange(0, BLOCK)
+            acc += tl.load(sq_ptr + idx, mask=idx < n_part, other=0.0)
+        total = tl.sum(acc, axis=0)
+        tl.store(loss_ptr, 0.5 * (total / numel))
+        tl.store(gnorm_ptr, tl.sqrt(total))
+
+    @triton.jit
+    def _scale_grad_kernel(g_ptr, go_ptr, dx_ptr, numel, BLOCK: tl.constexpr):
+        # Backward: dx = grad_out * g / N, read g once, write dx once.
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        scale = tl.load(go_ptr).to(tl.float32) / numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, (g * scale).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _chunking(D: int) -> tuple[int, int]:
+    """(CHUNK, S): each sample is split into S chunks of CHUNK elements (a multiple of BLOCK)."""
+    s = max(1, min(triton.cdiv(D, BLOCK), MAX_CHUNKS))
+    chunk = triton.cdiv(triton.cdiv(D, s), BLOCK) * BLOCK
+    return chunk, triton.cdiv(D, chunk)
+
+
+def _triton_forward(x, reals, fakes, sched, vals, ac, has_uncond, normalize, eps, store_grad):
+    """Launch passes A and B and the finalizer. ``reals``: pass-A operands, ``fakes``: pass-B operands."""
+    B, D = x.shape
+    dev = x.device
+    chunk, S = _chunking(D)
+    part = torch.empty(B * S, device=dev, dtype=torch.float32)
+    sq = torch.empty(B * S, device=dev, dtype=torch.float32)
+    normalizer = torch.empty(B, device=dev, dtype=torch.float32)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    grad_norm = torch.empty((), device=dev, dtype=torch.float32)
+    g = torch.empty_like(x) if store_grad else x  # x is a placeholder pointer when g is not stored
+    sched_ptr = sched if sched is not None else part  # placeholder pointer when all are scalars
+    per_sample = sched is not None
+    grid = (B * S,)
+    _normalizer_partials_kernel[grid](
+        x, *reals, part, sched_ptr, *vals, D, chunk, S,
+        AC=ac, HAS_UNCOND=has_uncond, PER_SAMPLE=per_sample, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    norm = _NORM_CODE[normalize]
+    if norm == 1:
+        part = part.sum().reshape(1)  # fixed-order torch reduction: deterministic
+    count = float(B * D) if norm == 1 else float(D)
+    gmax = torch.finfo(x.dtype).max
+    _grad_kernel[grid](
+        *fakes, g, part, normalizer, sq, sched_ptr, *vals, D, chunk, S, count, eps, gmax,
+        AC=ac, HAS_UNCOND=has_uncond, PER_SAMPLE=per_sample, NORM=norm,
+        S_BLOCK=triton.next_power_of_2(S), STORE_G=store_grad, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
+    _finalize_kernel[(1,)](sq, B * S, loss, grad_norm, B * D, BLOCK=FINAL_BLOCK, num_warps=NUM_WARPS)
+    return loss, (g if store_grad else x.new_empty(0)), normalizer, grad_norm
+
+
+def _torch_tail(abs_sum, diff, normalize, eps, store_grad, out_dtype):
+    """Torch path once the elementwise inputs are formed, in the compute dtype.
+
+    ``abs_sum``: per-sample sum of |x - x_real| (``[B]``, None for ``"none"``); ``diff``:
+    x_fake - x_real ``[B, D]``, owned (turned into g in place).
+    """
+    B, D = diff.shape
+    cd = diff.dtype
+    if normalize == "none":
+        n = torch.full((B,), 1.0 + eps, dtype=cd, device=diff.device)
+    elif normalize == "per_sample":
+        n = abs_sum / D + eps
+    else:
+        n = (abs_sum.sum() / (B * D) + eps).expand(B).contiguous()
+    g = diff.div_(n.unsqueeze(1))
+    g_flat = g.view(-1)
+    total = torch.dot(g_flat, g_flat)
+    gmax = torch.finfo(out_dtype).max
+    # On CPU, reading the total back costs nothing (no device to wait for): when sum(g^2) <= gmax^2,
+    # every g is finite and within x.dtype's range, so the nan_to_num/clamp pass is a no-op.
+    if g.device.type != "cpu" or not float(total) <= gmax * gmax:
+        torch.nan_to_num_(g, nan=0.0, posinf=gmax, neginf=-gmax)
+        if out_dtype != cd:
+            g.clamp_(-gmax, gmax)  # values beyond x's dtype saturate, as the reference's nan_to_num in x.dtype
+        total = torch.dot(g_flat, g_flat)
+    loss = 0.5 * (total / (B * D))
+    g_out = g.to(out_dtype) if store_grad else diff.new_empty(0, dtype=out_dtype)
+    return loss, g_out, n, total.sqrt()
+
+
+def _sub(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a - b in the compute dtype (upcast first, so low-precision inputs are not rounded)."""
+    return torch.sub(a.to(cd), b.to(cd), out=out)
+
+
+def _add_scaled_(out: torch.Tensor, t: torch.Tensor, coef) -> torch.Tensor:
+    """out += coef * t, for a float or a [B, 1] coefficient."""
+    return out.addcmul_(t, coef) if isinstance(coef, torch.Tensor) else out.add_(t, alpha=coef)
+
+
+def _empty_forward(x, cd, normalize, eps):
+    """N == 0 (empty batch or no elements per sample): loss 0, no gradient to make."""
+    B = x.shape[0]
+    n = torch.full((B,), math.nan if normalize != "none" else 1.0 + eps, dtype=cd, device=x.device)
+    zero = torch.zeros((), dtype=cd, device=x.device)
+    return zero, torch.empty_like(x), n, zero.clone()
+
+
+def _dmd_forward_impl(x, x_fake, x_real, normalize, eps, store_grad):
+    shape = x.shape
+    cd = C.compute_dtype(x, x_fake, x_real)
+    if x.numel() == 0:
+        return _empty_forward(x, cd, normalize, eps)
+    x2, f2, r2 = C.flat(x), C.flat(x_fake), C.flat(x_real)
+    if backend_for(x) == "torch" or cd == torch.float64:
+        abs_sum, buf = None, None
+        if normalize != "none":
+            buf = _sub(x2, r2, cd)
+            abs_sum = buf.abs_().sum(dim=1)
+        diff = _sub(f2, r2, cd, out=buf)  # reuses the residual's memory
+        loss, g, n, gn = _torch_tail(abs_sum, diff, normalize, eps, store_grad, x.dtype)
+    else:
+        loss, g, n, gn = _triton_forward(
+            x2, (r2, r2, r2, r2), (f2, r2, r2), None, [0.0] * 5, False, False, normalize, eps, store_grad
+        )
+    return loss, g.view(shape) if store_grad else g, n, gn
+
+
+def _ac_forward_impl(x_s, x_t, v_real, v_fake, noise, v_uncond, sched, sched_vals, normalize, eps, store_grad):
+    shape = x_s.shape
+    cd = C.compute_dtype(x_s, x_t, v_real, v_fake, noise, v_uncond)
+    if x_s.numel() == 0:
+        return _empty_forward(x_s, cd, normalize, eps)
+    xs2, xt2, vr2, vf2, nz2 = (C.flat(t) for t in (x_s, x_t, v_real, v_fake, noise))
+    vu2 = C.flat(v_uncond) if v_uncond is not None else None
+    if backend_for(x_s) == "torch" or cd == torch.float64:
+        if sched is not None:
+            s_s, s_t, gs, ce, se = (sched[:, i].to(cd).unsqueeze(1) for i in range(5))
+        else:
+            s_s, s_t, gs, ce, se = sched_vals
+        # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (SPEC §2.1)
+        a = (1.0 - s_s) + s_s * ce
+        k = s_s * ce * (1.0 - s_t) - (1.0 - s_s) * s_t
+        c = s_s * se
+        v = vr2.to(cd) if vu2 is None else torch.lerp(vu2.to(cd), vr2.to(cd), gs)  # CFG combine
+        abs_sum, buf = None, None
+        if normalize != "none":
+            buf = xt2.to(cd) * (-a)  # x_s - xs_real
+            _add_scaled_(_add_scaled_(buf, v, -k), nz2.to(cd), -c).add_(xs2.to(cd))
+            abs_sum = buf.abs_().sum(dim=1)
+        diff = torch.sub(vf2.to(cd), v, out=buf).mul_(k)  # xs_fake - xs_real: the noise cancels
+        loss, g, n, gn = _torch_tail(abs_sum, diff, normalize, eps, store_grad, x_s.dtype)
+    else:
+        vu_ptr = vu2 if vu2 is not None else vr2
+        loss, g, n, gn = _triton_forward(
+            xs2, (xt2, vr2, vu_ptr, nz2), (vf2, vr2, vu_ptr), sched, sched_vals,
+            True, vu2 is not None, normalize, eps, store_grad,
+        )
+    return loss, g.view(shape) if store_grad else g, n, gn
+
+
+def _grad_impl(g: torch.Tensor, grad_loss: torch.Tensor, numel: int) -> torch.Tensor:
+    """dL/dx = grad_out * g / N in g's dtype (g holds x's dtype)."""
+    if g.numel() == 0:
+        return torch.zeros_like(g)
+    if backend_for(g) == "torch":
+        scale = grad_loss.to(torch.float64 if g.dtype == torch.float64 else torch.float32) / numel
+        if g.dtype in (torch.float32, torch.float64):
+            return g * scale
+        return (g.float() * scale).to(g.dtype)  # keep the scale out of fp16's subnormal range
+    dx = torch.empty_like(g)
+    grid = (triton.cdiv(g.numel(), SCALE_BLOCK),)
+    _scale_grad_kernel[grid](g, grad_loss.reshape(1), dx, numel, BLOCK=SCALE_BLOCK, num_warps=8)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: one opaque forward and one backward op, traced by torch.compile without graph breaks.
+# register_autograd makes the pair the autograd Function of both losses.
+
+_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("rtdmd_kernels::dmd_forward", mutates_args=())
+def _dmd_forward_op(
+    x: torch.Tensor, x_fake: torch.Tensor, x_real: torch.Tensor, normalize: str, eps: float, store_grad: bool
+) -> _Outputs:
+    return _dmd_forward_impl(x, x_fake, x_real, normalize, eps, store_grad)
+
+
+@torch.library.custom_op("rtdmd_kernels::ac_dmd_forward", mutates_args=())
+def _ac_forward_op(
+    x_s: torch.Tensor, x_t: torch.Tensor, v_real: torch.Tensor, v_fake: torch.Tensor, noise: torch.Tensor,
+    v_real_uncond: torch.Tensor | None, sched: torch.Tensor | None, sched_vals: list[float],
+    normalize: str, eps: float, store_grad: bool,
+) -> _Outputs:
+    return _ac_forward_impl(
+        x_s, x_t, v_real, v_fake, noise, v_real_uncond, sched, sched_vals, normalize, eps, store_grad
+    )
+
+
+@torch.library.custom_op("rtdmd_kernels::dmd_grad", mutates_args=())
+def _grad_op(g: torch.Tensor, grad_loss: torch.Tensor, numel: int) -> torch.Tensor:
+    return _grad_impl(g, grad_loss, numel)
+
+
+def _fake_outputs(x: torch.Tensor, cd: torch.dtype, store_grad: bool) -> _Outputs:
+    g = torch.empty_like(x, memory_format=torch.contiguous_format) if store_grad else x.new_empty(0)
+    return x.new_empty((), dtype=cd), g, x.new_empty((x.shape[0],), dtype=cd), x.new_empty((), dtype=cd)
+
+
+@_dmd_forward_op.register_fake
+def _(x, x_fake, x_real, normalize, eps, store_grad):
+    return _fake_outputs(x, C.compute_dtype(x, x_fake, x_real), store_grad)
+
+
+@_ac_forward_op.register_fake
+def _(x_s, x_t, v_real, v_fake, noise, v_real_uncond, sched, sched_vals, normalize, eps, store_grad):
+    return _fake_outputs(x_s, C.compute_dtype(x_s, x_t, v_real, v_fake, noise, v_real_uncond), store_grad)
+
+
+@_grad_op.register_fake
+def _(g, grad_loss, numel):
+    return torch.empty_like(g)
+
+
+def _setup_context(ctx, inputs, output):
+    x = inputs[0]
+    ctx.mark_non_differentiable(output[2], output[3])  # the statistics, as in eager mode
+    ctx.numel = x.numel()
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, *_unused):
+    (g,) = ctx.saved_tensors
+    if g.numel() != ctx.numel:  # forward ran without grad enabled for x
+        raise RuntimeError("rtdmd_kernels: the loss was computed with x.requires_grad=False or under no_grad")
+    dx = _grad_op(g, grad_loss, ctx.numel)
+    return (dx,) + (None,) * (ctx.n_inputs - 1)
+
+
+_dmd_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_ac_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GeneratorLossFunction(torch.autograd.Function):
+    """The autograd Function of both losses in eager mode: forward makes g, backward scales it.
+
+    Under torch.compile the same impls run through the custom ops above instead (opaque to the
+    tracer); eager calls skip the custom-op dispatch, which costs more than the op at small sizes.
+    """
+
+    @staticmethod
+    def forward(ctx, forward_impl, args, x):
+        loss, g, normalizer, grad_norm = forward_impl(x, *args)
+        ctx.mark_non_differentiable(normalizer, grad_norm)
+        ctx.numel = x.numel()
+        ctx.save_for_backward(g)
+        return loss, normalizer, grad_norm
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_normalizer, _grad_norm):
+        (g,) = ctx.saved_tensors
+        return None, None, _grad_impl(g, grad_loss, ctx.numel)
+
+
+def _run(op, forward_impl, x, args, return_stats):
+    if torch.compiler.is_compiling():
+        loss, _g, normalizer, grad_norm = op(x, *args)
+    else:
+        loss, normalizer, grad_norm = _GeneratorLossFunction.apply(forward_impl, args, x)
+    if return_stats:
+        return loss, {"grad_norm": grad_norm, "normalizer": normalizer}
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def dmd_loss(
+    x: torch.Tensor,
+    x_fake: torch.Tensor,
+    x_real: torch.Tensor,
+    *,
+    normalize: str = "per_sample",
+    eps: float = 0.0,
+    return_stats: bool = False,
+):
+    """DMD generator loss with the gradient made in the forward (SPEC §3, API.md §1.1).
+
+    ``g = nan_to_num((x_fake - x_real) / n)`` with ``n = mean|x - x_real| + eps`` per sample
+    (``"per_sample"``: DMD2, RTDMD), over the batch (``"global"``: FastVideo) or ``1 + eps``
+    (``"none"``); NaN -> 0, values beyond ``x.dtype``'s finite range saturate at its max (the
+    reference's ``nan_to_num`` in ``x.dtype``). Returns ``0.5 * mean(g**2)`` (float32; float64 for
+    float64 inputs), the value of the reference's ``0.5*mean((x - sg(x - g))**2)``; the gradient is
+    ``grad_out * g / x.numel()`` in ``x.dtype``. Only ``x`` is differentiable. With
+    ``return_stats=True`` also returns ``{"grad_norm": ||g||_2, "normalizer": n [B]}`` as tensors.
+    An empty input gives loss 0.
+    """
+    C.check_tensor("x", x)
+    C.check_like("x", x, "x_fake", x_fake)
+    C.check_like("x", x, "x_real", x_real)
+    C.check_choice("normalize", normalize, NORMALIZE_MODES)
+    eps = C.check_eps(eps)
+    store = torch.is_grad_enabled() and x.requires_grad
+    args = (x_fake.detach(), x_real.detach(), normalize, eps, store)
+    return _run(_dmd_forward_op, _dmd_forward_impl, x, args, return_stats)
+
+
+def ac_dmd_loss(
+    x_s: torch.Tensor,
+    x_t: torch.Tensor,
+    v_real: torch.Tensor,
+    v_fake: torch.Tensor,
+    noise: torch.Tensor,
+    sigma_s: C.Scalar,
+    sigma_t: C.Scalar,
+    *,
+    v_real_uncond: torch.Tensor | None = None,
+    guidance_scale: C.Scalar = 1.0,
+    eta: C.Scalar = 0.9,
+    normalize: str = "per_sample",
+    eps: float = 0.0,
+    return_stats: bool = False,
+):
+    """AC-DMD generator loss, fused (SPEC §4.3, API.md §1.1).
+
+    Teacher velocity ``v_r = v_real_uncond + guidance_scale * (v_real - v_real_uncond)`` (or
+    ``v_real``); CPS transitions from ``(x_t, sigma_t)`` back to ``sigma_s`` with ``v_r`` and with
+    ``v_fake``, sharing ``noise``; then exactly ``dmd_loss(x_s, xs_fake, xs_real)``. Neither
+    transition is materialised. ``sigma_s``, ``sigma_t``, ``guidance_scale`` and ``eta`` are floats
+    or ``[B]`` tensors. Only ``x_s`` is differentiable.
+    """
+    C.check_tensor("x_s", x_s)
+    for name, t in (("x_t", x_t), ("v_real", v_real), ("v_fake", v_fake), ("noise", noise)):
+        C.check_like("x_s", x_s, name, t)
+    if v_real_uncond is not None:
+        C.check_like("x_s", x_s, "v_real_uncond", v_real_uncond)
+    C.check_choice("normalize", normalize, NORMALIZE_MODES)
+    eps = C.check_eps(eps)
+    B, dev = x_s.shape[0], x_s.device
+    s_s = C.schedule_value("sigma_s", sigma_s, B, dev)
+    s_t = C.schedule_value("sigma_t", sigma_t, B, dev)
+    gs = C.schedule_value("guidance_scale", guidance_scale, B, dev)
+    et = C.schedule_value("eta", eta, B, dev)
+    if isinstance(et, torch.Tensor):
+        half_pi = et.double() * (math.pi / 2)
+        c_eta, s_eta = half_pi.cos().to(et.dtype), half_pi.sin().to(et.dtype)
+    else:
+        c_eta, s_eta = math.cos(et * math.pi / 2), math.sin(et * math.pi / 2)
+    sched, vals = C.pack_schedule((s_s, s_t, gs, c_eta, s_eta), B, dev)
+    if torch.compiler.is_compiling() and sched is None:  # keep the traced graph free of baked-in floats
+        sched, vals = torch.tensor(vals, dtype=torch.float32, device=dev).expand(B, 5).contiguous(), [0.0] * 5
+    store = torch.is_grad_enabled() and x_s.requires_grad
+    detached = [t.detach() for t in (x_t, v_real, v_fake, noise)]
+    uncond = v_real_uncond.detach() if v_real_uncond is not None else None
+    args = (*detached, uncond, sched, vals, normalize, eps, store)
+    return _run(_ac_forward_op, _ac_forward_impl, x_s, args, return_stats)
