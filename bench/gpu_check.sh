@@ -2,7 +2,7 @@
 # The ONE script a session runs on a lent GPU machine (DESIGN.md "The lent GPU machines"):
 #   environment -> CUDA tests (dmd / backend / aot) -> bench/gpu_check.py (copy BW, correctness at real
 #   sizes, no-host-sync, timings) -> the compact table LAST. Logs and results go to $OUT (default
-#   /tmp/out): env.txt, pytest.log, gpu_check.log, gpu_check.json, gpu_check_table.md.
+#   /tmp/out): env.txt, pytest.log, gpu_check.log, gpu_check.json, gpu_check_table.md, kernel_time.{log,json,md}.
 # A failing part never stops the rest. Meant to finish in ~5 minutes on an H100.
 #
 #   device run:  bash bench/gpu_check.sh                       (the repo root is the working directory)
@@ -74,6 +74,14 @@ timeout -k 10 "${GPU_CHECK_TIMEOUT:-300}" "$PY" bench/gpu_check.py --out "$OUT" 
 CHECK_RC=${PIPESTATUS[0]}
 [ "$CHECK_RC" = "124" ] && echo "!! gpu_check.py stopped by its timeout (${GPU_CHECK_TIMEOUT:-300}s); partial JSON in $OUT"
 
+echo
+echo "== bench/gpu_kernel_time.py (device time vs host time; t=$(( $(date +%s) - T_START ))s)"
+COPY_GBPS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['copy']['GBps_read_plus_write'])" \
+  "$OUT/gpu_check.json" 2>/dev/null || echo 0)
+timeout -k 10 "${GPU_CHECK_KERNEL_TIME_TIMEOUT:-180}" "$PY" bench/gpu_kernel_time.py --out "$OUT" \
+  --copy-gbps "${COPY_GBPS:-0}" > "$OUT/kernel_time.log" 2>&1
+KTIME_RC=$?
+
 BENCH_RC=skipped
 if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
   echo
@@ -86,7 +94,8 @@ if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
 fi
 
 echo
-echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+[ -s "$OUT/kernel_time.md" ] && { echo; cat "$OUT/kernel_time.md"; }
 if [ -s "$OUT/gpu_check_table.md" ]; then
   echo
   cat "$OUT/gpu_check_table.md"

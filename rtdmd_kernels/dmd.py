@@ -49,6 +49,17 @@ if triton_available():
             return value
 
     @triton.jit
+    def _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE: tl.constexpr):
+        # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (SPEC §2.1); also the CFG scale.
+        sig_s = _sched(sched_ptr, b, 0, s_s, PER_SAMPLE)
+        sig_t = _sched(sched_ptr, b, 1, s_t, PER_SAMPLE)
+        ce = _sched(sched_ptr, b, 3, c_eta, PER_SAMPLE)
+        a = (1.0 - sig_s) + sig_s * ce
+        k = sig_s * ce * (1.0 - sig_t) - (1.0 - sig_s) * sig_t
+        c = sig_s * _sched(sched_ptr, b, 4, s_eta, PER_SAMPLE)
+        return a, k, c, _sched(sched_ptr, b, 2, gs, PER_SAMPLE)
+
+    @triton.jit
     def _teacher_velocity(v_ptr, vu_ptr, offs, mask, gs, HAS_UNCOND: tl.constexpr, POLICY: tl.constexpr):
         # CFG combine in fp32: v_u + s * (v_c - v_u), or v_c alone.
         v = tl.load(v_ptr + offs, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
@@ -71,15 +82,7 @@ if triton_available():
         base = b.to(tl.int64) * D
         start = s.to(tl.int64) * CHUNK
         if AC:
-            sig_s = _sched(sched_ptr, b, 0, s_s, PER_SAMPLE)
-            sig_t = _sched(sched_ptr, b, 1, s_t, PER_SAMPLE)
-            g_s = _sched(sched_ptr, b, 2, gs, PER_SAMPLE)
-            ce = _sched(sched_ptr, b, 3, c_eta, PER_SAMPLE)
-            se = _sched(sched_ptr, b, 4, s_eta, PER_SAMPLE)
-            # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (SPEC §2.1)
-            a = (1.0 - sig_s) + sig_s * ce
-            k = sig_s * ce * (1.0 - sig_t) - (1.0 - sig_s) * sig_t
-            c = sig_s * se
+            a, k, c, g_s = _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, CHUNK, BLOCK):
             offs = start + i + tl.arange(0, BLOCK)
@@ -119,12 +122,8 @@ if triton_available():
         else:
             n = 1.0 + eps
         if AC:
-            sig_s = _sched(sched_ptr, b, 0, s_s, PER_SAMPLE)
-            sig_t = _sched(sched_ptr, b, 1, s_t, PER_SAMPLE)
-            g_s = _sched(sched_ptr, b, 2, gs, PER_SAMPLE)
-            ce = _sched(sched_ptr, b, 3, c_eta, PER_SAMPLE)
             # xs_fake - xs_real = k * (v_fake - v_teacher): the shared noise and x_t cancel.
-            k = sig_s * ce * (1.0 - sig_t) - (1.0 - sig_s) * sig_t
+            _a, k, _c, g_s = _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE)
         base = b.to(tl.int64) * D
         start = s.to(tl.int64) * CHUNK
         acc = tl.zeros([BLOCK], dtype=tl.float32)
