@@ -77,14 +77,44 @@ def pack_schedule(
     values: Sequence[Scalar], batch: int, device: torch.device
 ) -> tuple[torch.Tensor | None, list[float]]:
     """Per-sample scalars for a kernel: ``(None, floats)`` when all are Python floats, else a
-    contiguous ``[B, k]`` tensor (floats broadcast; float64 if any column is) and zeros."""
+    contiguous ``[B, k]`` tensor (floats broadcast; float64 if any column is) and zeros.
+    Under ``torch.compile`` a table is always made, so the traced graph holds no baked-in floats."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if not tensors:
+        if torch.compiler.is_compiling():
+            table = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+            return table.expand(batch, len(values)).contiguous(), [0.0] * len(values)
         return None, [float(v) for v in values]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     cols = [v.to(dtype) if isinstance(v, torch.Tensor) else torch.full((batch,), v, dtype=dtype, device=device)
             for v in values]
     return torch.stack(cols, dim=1).contiguous(), [0.0] * len(values)
+
+
+def eta_cos_sin(eta: Scalar) -> tuple[Scalar, Scalar]:
+    """``(cos(eta*pi/2), sin(eta*pi/2))`` of a float or a ``[B]`` tensor (computed in float64, returned
+    in the tensor's dtype)."""
+    if isinstance(eta, torch.Tensor):
+        half_pi = eta.double() * (math.pi / 2)
+        return half_pi.cos().to(eta.dtype), half_pi.sin().to(eta.dtype)
+    return math.cos(eta * math.pi / 2), math.sin(eta * math.pi / 2)
+
+
+def add_scaled_(out: torch.Tensor, t: torch.Tensor, coef: Scalar) -> torch.Tensor:
+    """out += coef * t, for a float or a [B, 1] coefficient."""
+    return out.addcmul_(t, coef) if isinstance(coef, torch.Tensor) else out.add_(t, alpha=coef)
+
+
+def chunking(D: int, block: int, max_chunks: int) -> tuple[int, int]:
+    """(CHUNK, S) of a per-sample reduction: each sample is split into S <= max_chunks chunks of CHUNK
+    elements (a multiple of ``block``)."""
+    s = max(1, min(cdiv(D, block), max_chunks))
+    chunk = cdiv(cdiv(D, s), block) * block
+    return chunk, cdiv(D, chunk)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def as_column(value: Scalar, dtype: torch.dtype) -> Scalar:

@@ -40,24 +40,18 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _sched(sched_ptr, b, i: tl.constexpr, value, PER_SAMPLE: tl.constexpr):
-        # One per-sample schedule value: loaded from the [B, 5] table, or the scalar argument.
-        if PER_SAMPLE:
-            return tl.load(sched_ptr + b * 5 + i).to(tl.float32)
-        else:
-            return value
+    from ._triton_utils import per_sample_value
 
     @triton.jit
     def _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE: tl.constexpr):
         # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (SPEC §2.1); also the CFG scale.
-        sig_s = _sched(sched_ptr, b, 0, s_s, PER_SAMPLE)
-        sig_t = _sched(sched_ptr, b, 1, s_t, PER_SAMPLE)
-        ce = _sched(sched_ptr, b, 3, c_eta, PER_SAMPLE)
+        sig_s = per_sample_value(sched_ptr, b, 0, 5, s_s, PER_SAMPLE)
+        sig_t = per_sample_value(sched_ptr, b, 1, 5, s_t, PER_SAMPLE)
+        ce = per_sample_value(sched_ptr, b, 3, 5, c_eta, PER_SAMPLE)
         a = (1.0 - sig_s) + sig_s * ce
         k = sig_s * ce * (1.0 - sig_t) - (1.0 - sig_s) * sig_t
-        c = sig_s * _sched(sched_ptr, b, 4, s_eta, PER_SAMPLE)
-        return a, k, c, _sched(sched_ptr, b, 2, gs, PER_SAMPLE)
+        c = sig_s * per_sample_value(sched_ptr, b, 4, 5, s_eta, PER_SAMPLE)
+        return a, k, c, per_sample_value(sched_ptr, b, 2, 5, gs, PER_SAMPLE)
 
     @triton.jit
     def _teacher_velocity(v_ptr, vu_ptr, offs, mask, gs, HAS_UNCOND: tl.constexpr, POLICY: tl.constexpr):
@@ -171,18 +165,11 @@ if triton_available():
         tl.store(dx_ptr + offs, (g * scale).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _chunking(D: int) -> tuple[int, int]:
-    """(CHUNK, S): each sample is split into S chunks of CHUNK elements (a multiple of BLOCK)."""
-    s = max(1, min(triton.cdiv(D, BLOCK), MAX_CHUNKS))
-    chunk = triton.cdiv(triton.cdiv(D, s), BLOCK) * BLOCK
-    return chunk, triton.cdiv(D, chunk)
-
-
 def _triton_forward(x, reals, fakes, sched, vals, ac, has_uncond, normalize, eps, store_grad):
     """Launch passes A and B and the finalizer. ``reals``: pass-A operands, ``fakes``: pass-B operands."""
     B, D = x.shape
     dev = x.device
-    chunk, S = _chunking(D)
+    chunk, S = C.chunking(D, BLOCK, MAX_CHUNKS)
     part = torch.empty(B * S, device=dev, dtype=torch.float32)
     sq = torch.empty(B * S, device=dev, dtype=torch.float32)
     normalizer = torch.empty(B, device=dev, dtype=torch.float32)
@@ -245,11 +232,6 @@ def _sub(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype, out: torch.Tensor | 
     return torch.sub(a.to(cd), b.to(cd), out=out)
 
 
-def _add_scaled_(out: torch.Tensor, t: torch.Tensor, coef) -> torch.Tensor:
-    """out += coef * t, for a float or a [B, 1] coefficient."""
-    return out.addcmul_(t, coef) if isinstance(coef, torch.Tensor) else out.add_(t, alpha=coef)
-
-
 def _empty_forward(x, cd, normalize, eps):
     """N == 0 (empty batch or no elements per sample): loss 0, no gradient to make."""
     B = x.shape[0]
@@ -298,7 +280,7 @@ def _ac_forward_impl(x_s, x_t, v_real, v_fake, noise, v_uncond, sched, sched_val
         abs_sum, buf = None, None
         if normalize != "none":
             buf = xt2.to(cd) * (-a)  # x_s - xs_real
-            _add_scaled_(_add_scaled_(buf, v, -k), nz2.to(cd), -c).add_(xs2.to(cd))
+            C.add_scaled_(C.add_scaled_(buf, v, -k), nz2.to(cd), -c).add_(xs2.to(cd))
             abs_sum = buf.abs_().sum(dim=1)
         diff = torch.sub(vf2.to(cd), v, out=buf).mul_(k)  # xs_fake - xs_real: the noise cancels
         loss, g, n, gn = _torch_tail(abs_sum, diff, normalize, eps, store_grad, x_s.dtype)
@@ -497,14 +479,8 @@ def ac_dmd_loss(
     s_t = C.schedule_value("sigma_t", sigma_t, B, dev)
     gs = C.schedule_value("guidance_scale", guidance_scale, B, dev)
     et = C.schedule_value("eta", eta, B, dev)
-    if isinstance(et, torch.Tensor):
-        half_pi = et.double() * (math.pi / 2)
-        c_eta, s_eta = half_pi.cos().to(et.dtype), half_pi.sin().to(et.dtype)
-    else:
-        c_eta, s_eta = math.cos(et * math.pi / 2), math.sin(et * math.pi / 2)
+    c_eta, s_eta = C.eta_cos_sin(et)
     sched, vals = C.pack_schedule((s_s, s_t, gs, c_eta, s_eta), B, dev)
-    if torch.compiler.is_compiling() and sched is None:  # keep the traced graph free of baked-in floats
-        sched, vals = torch.tensor(vals, dtype=torch.float32, device=dev).expand(B, 5).contiguous(), [0.0] * 5
     store = torch.is_grad_enabled() and x_s.requires_grad
     detached = [t.detach() for t in (x_t, v_real, v_fake, noise)]
     uncond = v_real_uncond.detach() if v_real_uncond is not None else None

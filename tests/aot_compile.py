@@ -12,7 +12,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 
-from rtdmd_kernels import dmd
+from rtdmd_kernels import advantage, dmd, policy
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -47,8 +47,81 @@ def _dmd_specs():
                  {"BLOCK": dmd.FINAL_BLOCK}))
 
 
-SPECS = list(_dmd_specs())
-KERNEL_MODULES = [dmd]
+def _policy_specs():
+    P = policy
+    for x_dt, v_dt in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"), ("fp16", "fp16")):
+        px, pv = f"*{x_dt}", f"*{v_dt}"
+        for per_sample in (False, True):
+            args = {"x_ptr": px, "v_ptr": pv, "noise_ptr": "*fp32", "xn_ptr": px, "mean_ptr": px,
+                    "sched_ptr": "*fp32", "a": "fp32", "k": "fp32", "c": "fp32", "D": "i64"}
+            yield (f"cps_step x={x_dt} v={v_dt} per_sample={per_sample}", P._cps_step_kernel,
+                   *_sig(args, {"PER_SAMPLE": per_sample, "BLOCK": P.EW_BLOCK}))
+            args = {"gxn_ptr": px, "gm_ptr": px, "dx_ptr": px, "dv_ptr": pv, "sched_ptr": "*fp32",
+                    "a": "fp32", "k": "fp32", "D": "i64"}
+            for has_gxn, has_gm in ((True, False), (True, True), (False, True)):
+                yield (f"cps_step_grad x={x_dt} v={v_dt} per_sample={per_sample} gxn={has_gxn} gmean={has_gm}",
+                       P._cps_step_grad_kernel,
+                       *_sig(args, {"HAS_GXN": has_gxn, "HAS_GMEAN": has_gm, "NEED_DX": True, "NEED_DV": True,
+                                    "PER_SAMPLE": per_sample, "BLOCK": P.EW_BLOCK}))
+            for has_ref, store in ((False, False), (False, True), (True, True)):
+                args = {"x_ptr": px, "v_ptr": pv, "xn_ptr": px, "vref_ptr": pv, "res_ptr": "*fp32",
+                        "res2_ptr": "*fp32", "part_ptr": "*fp32", "part2_ptr": "*fp32", "sched_ptr": "*fp32",
+                        "a": "fp32", "k": "fp32", "D": "i64", "CHUNK": "i32", "S": "i32"}
+                yield (f"logprob_partials x={x_dt} v={v_dt} per_sample={per_sample} ref={has_ref} store={store}",
+                       P._logprob_partials_kernel,
+                       *_sig(args, {"HAS_REF": has_ref, "STORE_RES": store, "PER_SAMPLE": per_sample,
+                                    "BLOCK": P.BLOCK}))
+            for recompute, has_ref in ((True, False), (False, False), (False, True)):
+                args = {"res_ptr": "*fp32", "res2_ptr": "*fp32", "x_ptr": px, "v_ptr": pv, "xn_ptr": px,
+                        "dv_ptr": pv, "c1_ptr": "*fp32", "c2_ptr": "*fp32", "go_ptr": "*fp32",
+                        "sched_ptr": "*fp32", "a": "fp32", "k": "fp32", "D": "i64", "GO_STRIDE": "i32"}
+                yield (f"policy_grad x={x_dt} v={v_dt} per_sample={per_sample} recompute={recompute} "
+                       f"ref={has_ref}", P._policy_grad_kernel,
+                       *_sig(args, {"RECOMPUTE": recompute, "HAS_REF": has_ref, "PER_SAMPLE": per_sample,
+                                    "BLOCK": P.EW_BLOCK}))
+    for kind in (0, 1):
+        for ppo, has_ref, per_sample in ((False, False, False), (True, False, True), (True, True, False),
+                                         (True, True, True)):
+            args = {"part_ptr": "*fp32", "part2_ptr": "*fp32", "old_ptr": "*bf16", "adv_ptr": "*fp32",
+                    "sched_ptr": "*fp32", "logp_ptr": "*fp32", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
+                    "loss_ptr": "*fp32", "stats_ptr": "*fp32", "k": "fp32", "sd": "fp32", "kl_std": "fp32",
+                    "B": "i32", "S": "i32", "Df": "fp32", "Bf": "fp32", "clip_lo": "fp32", "clip_hi": "fp32",
+                    "clip_range": "fp32", "adv_clip": "fp32", "kl_coef": "fp32", "log_sqrt_2pi": "fp32"}
+            yield (f"policy_finalize kind={kind} ppo={ppo} ref={has_ref} per_sample={per_sample}",
+                   P._policy_finalize_kernel,
+                   *_sig(args, {"KIND": kind, "PPO": ppo, "HAS_REF": has_ref, "PER_SAMPLE": per_sample,
+                                "BLOCK_B": P.FINAL_BLOCK_B, "S_BLOCK": 128}))
+
+
+def _advantage_specs():
+    stats_args = {"perm_ptr": "*i64", "off_ptr": "*i64", "mean_ptr": "*fp32", "std_ptr": "*fp32", "N": "i64",
+                  "stride_n": "i64", "stride_r": "i64", "R": "i32", "ddof": "fp32"}
+    combine_args = {"ids_ptr": "*i64", "mean_ptr": "*fp32", "std_ptr": "*fp32", "w_ptr": "*fp32",
+                    "out_ptr": "*fp32", "valid_ptr": "*i8", "N": "i64", "G": "i64", "stride_n": "i64",
+                    "stride_r": "i64", "stride_id": "i64", "R": "i32", "eps": "fp32", "clip": "fp32"}
+    for dtype in ("fp32", "bf16", "fp16"):
+        p = f"*{dtype}"
+        for gather, with_std, block, rb in ((True, True, 32, 4), (True, False, 32, 4), (False, True, 1024, 4),
+                                            (True, True, 32, 1)):
+            yield (f"segment_stats {dtype} gather={gather} with_std={with_std} RB={rb}",
+                   advantage._segment_stats_kernel,
+                   *_sig({"r_ptr": p, **stats_args}, {"GATHER": gather, "WITH_STD": with_std, "BLOCK": block,
+                                                      "RB": rb}))
+        for ids in ("*i64", "*i32"):
+            for scale, has_w, clip, store_valid, rb in ((0, False, True, False, 4), (1, True, False, True, 4),
+                                                        (2, True, True, False, 4), (1, False, True, True, 1)):
+                yield (f"combine {dtype} ids={ids} scale={scale} w={has_w} clip={clip} valid={store_valid} RB={rb}",
+                       advantage._combine_kernel,
+                       *_sig({"r_ptr": p, **combine_args, "ids_ptr": ids},
+                             {"SCALE": scale, "HAS_W": has_w, "CLIP": clip, "STORE_VALID": store_valid,
+                              "BLOCK": advantage.COMBINE_BLOCK, "RB": rb}))
+    for clip in (False, True):
+        args = {"a_ptr": "*fp32", "valid_ptr": "*i8", "N": "i64", "ddof": "fp32", "eps": "fp32", "clip": "fp32"}
+        yield (f"restandardize clip={clip}", advantage._restandardize_kernel,
+               *_sig(args, {"CLIP": clip, "BLOCK": advantage.REDUCE_BLOCK}))
+
+SPECS = list(_dmd_specs()) + list(_policy_specs()) + list(_advantage_specs())
+KERNEL_MODULES = [dmd, policy, advantage]
 
 
 def covered_kernels() -> set[str]:
