@@ -251,8 +251,10 @@ def test_noncontiguous_inputs(device_backend):
         assert not rr.is_contiguous()
         out = rk.group_advantages(rr, big_ids[:, 0], num_groups=4, scale="global", restandardize=True)
         _close(out, _oracle(_f64(rr), ids.numpy(), 4, scale="global", restandardize=True))
-        assert torch.equal(out, rk.group_advantages(rr.contiguous(), ids.to(device), num_groups=4, scale="global",
-                                                    restandardize=True))
+        # Same values as the contiguous layout; not bitwise: a strided load compiles to different code
+        # (seen on an H100: last-ulp differences), and bitwise equality is promised run to run only.
+        dense = rk.group_advantages(rr.contiguous(), ids.to(device), num_groups=4, scale="global", restandardize=True)
+        torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("scale", ["group", "global"])
