@@ -2,7 +2,8 @@
 # The ONE script a session runs on a lent GPU machine (DESIGN.md "The lent GPU machines"):
 #   environment -> CUDA tests (dmd / backend / aot) -> bench/gpu_check.py (copy BW, correctness at real
 #   sizes, no-host-sync, timings) -> the compact table LAST. Logs and results go to $OUT (default
-#   /tmp/out): env.txt, pytest.log, gpu_check.log, gpu_check.json, gpu_check_table.md, kernel_time.{log,json,md}.
+#   /tmp/out): gpu_check.json, kernel_time.json, grpo_check.json, and every log and table packed in
+#   gpu_check_logs.tgz (the device tool brings back at most 8 files).
 # A failing part never stops the rest. Meant to finish in ~5 minutes on an H100.
 #
 #   device run:  bash bench/gpu_check.sh                       (the repo root is the working directory)
@@ -57,7 +58,7 @@ fi
 
 PYTEST_RC=skipped
 if [ "${GPU_CHECK_SKIP_PYTEST:-0}" != "1" ]; then
-  K="${GPU_CHECK_PYTEST_K:-dmd or backend or aot}"
+  K="${GPU_CHECK_PYTEST_K:-(dmd or backend or aot or policy or advantage) and not inductor}"
   echo
   echo "== pytest tests/ -q -x -k \"$K\" ${GPU_CHECK_PYTEST_EXTRA:-}  (cuda=$HAVE_CUDA, t=$(( $(date +%s) - T_START ))s)"
   # shellcheck disable=SC2086
@@ -82,6 +83,12 @@ timeout -k 10 "${GPU_CHECK_KERNEL_TIME_TIMEOUT:-180}" "$PY" bench/gpu_kernel_tim
   --copy-gbps "${COPY_GBPS:-0}" > "$OUT/kernel_time.log" 2>&1
 KTIME_RC=$?
 
+echo
+echo "== bench/gpu_grpo_check.py (GRPO ops; t=$(( $(date +%s) - T_START ))s)"
+timeout -k 10 "${GPU_CHECK_GRPO_TIMEOUT:-180}" "$PY" bench/gpu_grpo_check.py --out "$OUT" \
+  --copy-gbps "${COPY_GBPS:-0}" > "$OUT/grpo_check.log" 2>&1
+GRPO_RC=$?
+
 BENCH_RC=skipped
 if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
   echo
@@ -94,12 +101,15 @@ if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
 fi
 
 echo
-echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  grpo rc=$GRPO_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
 [ -s "$OUT/kernel_time.md" ] && { echo; cat "$OUT/kernel_time.md"; }
+[ -s "$OUT/grpo_check.log" ] && { echo; sed -n '/^\*\*/,$p' "$OUT/grpo_check.log"; }
 if [ -s "$OUT/gpu_check_table.md" ]; then
   echo
   cat "$OUT/gpu_check_table.md"
 else
   echo "(no table: gpu_check.py did not get to its report; see $OUT/gpu_check.log and gpu_check.json)"
 fi
-[ "$PYTEST_RC" = "0" ] && [ "$CHECK_RC" = "0" ]
+# Pack logs and tables into one archive so that everything fits the device tool's 8-file limit.
+(cd "$OUT" && tar czf gpu_check_logs.tgz --remove-files ./*.txt ./*.log ./*.md 2>/dev/null) || true
+[ "$PYTEST_RC" = "0" ] && [ "$CHECK_RC" = "0" ] && [ "$GRPO_RC" = "0" ]
