@@ -202,6 +202,32 @@ def make_forward(fn, inp: Inputs, sync: bool = False):
     return fwd
 
 
+def warm_up(step, provider: str, what: str, warm: bool = True) -> None:
+    """One untimed call when warm, and always for ``compiled``: a compile failure then skips the
+    benchmark instead of failing the suite."""
+    if not (warm or provider == "compiled"):
+        return
+    try:
+        step()
+    except Exception as exc:
+        if provider == "compiled":
+            import pytest
+
+            pytest.skip(f"torch.compile({what}) failed: {type(exc).__name__}: {exc}")
+        raise
+
+
+def record(benchmark, *, op: str, provider: str, case: str, dtype: str, nbytes: int, device: str, main) -> None:
+    """The extra_info every benchmark carries (bench/conftest.py prints its tables from it)."""
+    info = {"op": op, "provider": provider, "case": case, "shape": shape_str(CASES[case]), "dtype": dtype,
+            "bytes": nbytes, "device": device,
+            "backend": rk.backend_for(main) if provider == "ours" else
+            "eager" if provider == "reference" else "inductor"}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    benchmark.extra_info.update(info)
+
+
 def loss_and_grad(fn, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     loss = fn(inp.x, *inp.rest, **inp.kwargs)
     (dx,) = torch.autograd.grad(loss, inp.x)

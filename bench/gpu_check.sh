@@ -2,8 +2,8 @@
 # The ONE script a session runs on a lent GPU machine (DESIGN.md "The lent GPU machines"):
 #   environment -> CUDA tests (dmd / backend / aot) -> bench/gpu_check.py (copy BW, correctness at real
 #   sizes, no-host-sync, timings) -> the compact table LAST. Logs and results go to $OUT (default
-#   /tmp/out): gpu_check.json, kernel_time.json, grpo_check.json, and every log and table packed in
-#   gpu_check_logs.tgz (the device tool brings back at most 8 files).
+#   /tmp/out): gpu_check.json, kernel_time.json, grpo_check.json, fake_score_check.json, and every log
+#   and table packed in gpu_check_logs.tgz (the device tool brings back at most 8 files).
 # A failing part never stops the rest. Meant to finish in ~5 minutes on an H100.
 #
 #   device run:  bash bench/gpu_check.sh                       (the repo root is the working directory)
@@ -11,7 +11,7 @@
 # Knobs (environment): PYTHON, GPU_CHECK_PYTEST_K (the -k expression), GPU_CHECK_PYTEST_EXTRA (extra
 # pytest args, word-split), GPU_CHECK_SKIP_PYTEST=1, GPU_CHECK_PYTEST_TIMEOUT (s, default 150),
 # GPU_CHECK_TIMEOUT (s, default 300), GPU_CHECK_BENCH=1 (also run `pytest bench/ --benchmark-only`;
-# GPU_CHECK_BENCH_TIMEOUT, default 300 s),
+# GPU_CHECK_BENCH_TIMEOUT, default 300 s), GPU_CHECK_FAKE_TIMEOUT (s, default 150: gpu_fake_score_check.py),
 # GPU_CHECK_COMPILE_BUDGET / GPU_CHECK_DEADLINE (seconds, read by gpu_check.py). Extra arguments are
 # passed to gpu_check.py (e.g. --dry-run, --no-compile, --cases flux2-1024-b24).
 set -uo pipefail
@@ -58,7 +58,7 @@ fi
 
 PYTEST_RC=skipped
 if [ "${GPU_CHECK_SKIP_PYTEST:-0}" != "1" ]; then
-  K="${GPU_CHECK_PYTEST_K:-(dmd or backend or aot or policy or advantage) and not inductor}"
+  K="${GPU_CHECK_PYTEST_K:-(dmd or backend or aot or policy or advantage or fake_score) and not inductor}"
   echo
   echo "== pytest tests/ -q -x -k \"$K\" ${GPU_CHECK_PYTEST_EXTRA:-}  (cuda=$HAVE_CUDA, t=$(( $(date +%s) - T_START ))s)"
   # shellcheck disable=SC2086
@@ -89,6 +89,13 @@ timeout -k 10 "${GPU_CHECK_GRPO_TIMEOUT:-180}" "$PY" bench/gpu_grpo_check.py --o
   --copy-gbps "${COPY_GBPS:-0}" > "$OUT/grpo_check.log" 2>&1
 GRPO_RC=$?
 
+echo
+echo "== bench/gpu_fake_score_check.py (fake-score ops; t=$(( $(date +%s) - T_START ))s)"
+timeout -k 10 "${GPU_CHECK_FAKE_TIMEOUT:-150}" "$PY" bench/gpu_fake_score_check.py --out "$OUT" \
+  --copy-gbps "${COPY_GBPS:-0}" > "$OUT/fake_score_check.log" 2>&1
+FAKE_RC=$?
+[ "$FAKE_RC" = "124" ] && echo "!! gpu_fake_score_check.py stopped by its timeout (${GPU_CHECK_FAKE_TIMEOUT:-150}s)"
+
 BENCH_RC=skipped
 if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
   echo
@@ -101,9 +108,10 @@ if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
 fi
 
 echo
-echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  grpo rc=$GRPO_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  grpo rc=$GRPO_RC  fake_score rc=$FAKE_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
 [ -s "$OUT/kernel_time.md" ] && { echo; cat "$OUT/kernel_time.md"; }
 [ -s "$OUT/grpo_check.log" ] && { echo; sed -n '/^\*\*/,$p' "$OUT/grpo_check.log"; }
+[ -s "$OUT/fake_score_check.log" ] && { echo; sed -n '/^\*\*/,$p' "$OUT/fake_score_check.log"; }
 if [ -s "$OUT/gpu_check_table.md" ]; then
   echo
   cat "$OUT/gpu_check_table.md"
@@ -112,4 +120,4 @@ else
 fi
 # Pack logs and tables into one archive so that everything fits the device tool's 8-file limit.
 (cd "$OUT" && tar czf gpu_check_logs.tgz --remove-files ./*.txt ./*.log ./*.md 2>/dev/null) || true
-[ "$PYTEST_RC" = "0" ] && [ "$CHECK_RC" = "0" ] && [ "$GRPO_RC" = "0" ]
+[ "$PYTEST_RC" = "0" ] && [ "$CHECK_RC" = "0" ] && [ "$GRPO_RC" = "0" ] && [ "$FAKE_RC" = "0" ]

@@ -49,13 +49,7 @@ def _setup(op, provider, case, dtype, warm: bool):
     so a compile failure skips instead of failing the suite)."""
     inp = bu.make_inputs(op, bu.CASES[case], bu.DTYPES[dtype], DEVICE)
     step = bu.make_step(bu.provider_fn(op, provider), inp, sync=SYNC)
-    if warm or provider == "compiled":
-        try:
-            step()
-        except Exception as exc:
-            if provider == "compiled":
-                pytest.skip(f"torch.compile(reference.{op}) failed: {type(exc).__name__}: {exc}")
-            raise
+    bu.warm_up(step, provider, f"reference.{op}", warm=warm)
     return inp, step
 
 

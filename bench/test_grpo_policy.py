@@ -119,21 +119,10 @@ def test_policy(benchmark, op, provider, case, vdt):
     v_dtype = bu.DTYPES[vdt]
     c = make_case(shape, v_dtype, DEVICE)
     step = make_step(op, provider, c)
-    if not benchmark.disabled or provider == "compiled":
-        try:
-            step()
-        except Exception as exc:
-            if provider == "compiled":
-                pytest.skip(f"torch.compile(reference) failed: {type(exc).__name__}: {exc}")
-            raise
+    bu.warm_up(step, provider, "reference", warm=not benchmark.disabled)
     benchmark.group = f"{op} {case} v={vdt}"
-    info = {"op": op, "provider": provider, "case": case, "shape": bu.shape_str(shape), "dtype": vdt,
-            "bytes": floor_bytes(op, shape, v_dtype), "device": DEVICE,
-            "backend": bu.rk.backend_for(c["x"]) if provider == "ours" else
-            "eager" if provider == "reference" else "inductor"}
-    if DEVICE == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    benchmark.extra_info.update(info)
+    bu.record(benchmark, op=op, provider=provider, case=case, dtype=vdt, nbytes=floor_bytes(op, shape, v_dtype),
+              device=DEVICE, main=c["x"])
     out = benchmark(step)
     if op == "ppo_clip_loss":
         assert out.shape == shape and out.dtype == v_dtype and torch.isfinite(out).all()

@@ -7,9 +7,11 @@ CPU or CUDA tensors; see ``rk.backend_for`` and API.md §1 for how the backend i
 from ._backend import backend_for, use_backend
 from .advantage import group_advantages, group_ids
 from .dmd import ac_dmd_loss, dmd_loss
+from .fake_score import consistency_loss, fake_score_loss, renoise
 from .policy import cps_logprob, cps_step, ppo_clip_loss
 
 __version__ = "0.1.0"
 
 __all__ = ["group_advantages", "group_ids", "backend_for", "use_backend", "dmd_loss", "ac_dmd_loss",
-           "cps_step", "cps_logprob", "ppo_clip_loss", "__version__"]
+           "cps_step", "cps_logprob", "ppo_clip_loss", "renoise", "fake_score_loss", "consistency_loss",
+           "__version__"]

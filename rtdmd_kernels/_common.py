@@ -105,6 +105,11 @@ def add_scaled_(out: torch.Tensor, t: torch.Tensor, coef: Scalar) -> torch.Tenso
     return out.addcmul_(t, coef) if isinstance(coef, torch.Tensor) else out.add_(t, alpha=coef)
 
 
+def add_scaled(t: torch.Tensor, other: torch.Tensor, coef: Scalar) -> torch.Tensor:
+    """t + coef * other as a new tensor, for a float or a [B, 1] coefficient."""
+    return torch.addcmul(t, other, coef) if isinstance(coef, torch.Tensor) else torch.add(t, other, alpha=coef)
+
+
 def chunking(D: int, block: int, max_chunks: int) -> tuple[int, int]:
     """(CHUNK, S) of a per-sample reduction: each sample is split into S <= max_chunks chunks of CHUNK
     elements (a multiple of ``block``)."""
@@ -125,3 +130,11 @@ def as_column(value: Scalar, dtype: torch.dtype) -> Scalar:
 def flat(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a contiguous ``[B, D]`` view (copies only if ``t`` is not contiguous)."""
     return t.contiguous().view(t.shape[0], math.prod(t.shape[1:]))
+
+
+def table_columns(sched: torch.Tensor | None, vals: Sequence[float], dtype: torch.dtype) -> list[Scalar]:
+    """The per-sample scalars of a kernel call for the torch path: the ``[B, k]`` table's columns as
+    ``[B, 1]`` tensors in ``dtype`` (broadcast against ``[B, D]``), or the Python floats when no table."""
+    if sched is None:
+        return list(vals)
+    return [sched[:, i:i + 1].to(dtype) for i in range(len(vals))]

@@ -15,3 +15,28 @@ if triton_available():
             return tl.load(table_ptr + b * NCOL + i).to(tl.float32)
         else:
             return value
+
+    @triton.jit
+    def sample_block(D, BLOCK: tl.constexpr):
+        # Elementwise grid (blocks of a sample, sample): (b, 64-bit offsets, mask) of this program's block.
+        b = tl.program_id(1)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        return b, b.to(tl.int64) * D + offs, offs < D
+
+    @triton.jit
+    def chunk_program(S, D, CHUNK):
+        # Reduction grid (B * S,), one (sample b, chunk s) per program: (pid, b, sample base, chunk start).
+        pid = tl.program_id(0)
+        b = pid // S
+        return pid, b, b.to(tl.int64) * D, (pid % S).to(tl.int64) * CHUNK
+
+    @triton.jit
+    def chunk_offsets(base, start, i, D, BLOCK: tl.constexpr):
+        # 64-bit offsets and mask of the block at i within a chunk.
+        offs = start + i + tl.arange(0, BLOCK)
+        return base + offs, offs < D
+
+    @triton.jit
+    def stream_f32(ptr, offs, mask):
+        # A streamed (read-once) load, upcast to fp32 right away.
+        return tl.load(ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)

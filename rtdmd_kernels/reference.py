@@ -172,6 +172,68 @@ def ppo_clip_loss(x, v, x_next, old_logp, advantages, sigma, sigma_next, *, eta,
 
 
 # ---------------------------------------------------------------------------------------------
+# AC-DMD fake-score side (SPEC §4.1-4.2): renoise, the fake-score target and loss, consistency
+
+
+def _sub_interval(x, sigma_s, sigma_t):
+    """``(sigma_s, sigma_t, a, sigma_ts)`` of ``flow_forward_v2`` broadcast against ``x`` (in x's dtype)."""
+    ss, st = _per_sample(sigma_s, x), _per_sample(sigma_t, x)
+    a = (1 - st) / (1 - ss)
+    var = torch.as_tensor(st**2 - a**2 * ss**2, dtype=x.dtype, device=x.device)
+    sigma_ts = torch.sqrt(torch.clamp(var, min=1e-12))
+    return ss, st, a, sigma_ts
+
+
+def renoise(x_s, noise, sigma_s, sigma_t):
+    """``flow_forward_v2`` (SPEC §4.1.3) in at least float32: ``a*x_s + sigma_ts*noise``, cast to x_s's dtype."""
+    work = torch.promote_types(x_s.dtype, torch.float32)
+    x, n = x_s.to(work), noise.to(work)
+    _, _, a, sigma_ts = _sub_interval(x, sigma_s, sigma_t)
+    return (a * x + sigma_ts * n).to(x_s.dtype)
+
+
+def fake_score_target(x_s, noise, sigma_s, sigma_t, move_scale_out=True):
+    """``flow_forward_target_v2`` (SPEC §4.1.4) in at least float32: returns ``(target, scale)``.
+
+    ``move_scale_out=True`` (shipped): ``target = -(sigma_ts/(1-sigma_s))*x_s + beta*noise``,
+    ``scale = sigma_ts``; False: ``target = -x_s/(1-sigma_s) + (beta/sigma_ts)*noise``, ``scale = 1``.
+    """
+    work = torch.promote_types(x_s.dtype, torch.float32)
+    x, n = x_s.to(work), noise.to(work)
+    ss, st, _, sigma_ts = _sub_interval(x, sigma_s, sigma_t)
+    beta = st + (1 - st) * ss**2 / (1 - ss) ** 2
+    if move_scale_out:
+        return -(sigma_ts / (1 - ss)) * x + beta * n, sigma_ts
+    return -x / (1 - ss) + (beta / sigma_ts) * n, torch.ones_like(sigma_ts)
+
+
+def fake_score_loss(v_hat, x_s, noise, sigma_s, sigma_t, *, weight_max=10.0, move_scale_out=True):
+    """SPEC §4.2: ``loss_raw = (v_hat*scale - target)^2``, ``w = nan_to_num(clamp(1/max(scale^2, 1e-12),
+    0, weight_max), nan->0, +inf->weight_max, -inf->0)``, ``mean(w*loss_raw)``; gradient in v_hat only."""
+    work = torch.promote_types(torch.promote_types(v_hat.dtype, x_s.dtype), torch.float32)
+    target, scale = fake_score_target(x_s.detach().to(work), noise.detach().to(work), sigma_s, sigma_t,
+                                      move_scale_out)
+    loss_raw = (v_hat.to(work) * scale - target) ** 2
+    w = torch.clamp(1.0 / torch.clamp(scale**2, min=1e-12), 0.0, weight_max)
+    w = torch.nan_to_num(w, nan=0.0, posinf=weight_max, neginf=0.0)
+    return torch.mean(w * loss_raw)
+
+
+def consistency_loss(x_t, v_hat, sigma_t, x1, v1, x2, v2, sigma_p):
+    """SPEC §4.2 consistency: ``h = x - sigma*v`` (fp32 at least), ``nan_to_num(mean((h1-h0)*(h2-h0)))``;
+    gradients in v_hat, v1, v2 (x_t, x1, x2 are constants)."""
+    work = torch.promote_types(torch.promote_types(x_t.dtype, v_hat.dtype), torch.float32)
+    for t in (x1, v1, x2, v2):
+        work = torch.promote_types(work, t.dtype)
+    xt = x_t.detach().to(work)
+    st, sp = _per_sample(sigma_t, xt), _per_sample(sigma_p, xt)
+    h0 = xt - st * v_hat.to(work)
+    h1 = x1.detach().to(work) - sp * v1.to(work)
+    h2 = x2.detach().to(work) - sp * v2.to(work)
+    return torch.nan_to_num(torch.mean((h1 - h0) * (h2 - h0)))
+
+
+# ---------------------------------------------------------------------------------------------
 # GRPO advantages (SPEC §5.3, ANCHORS §4): what flow_grpo / RTDMD, TRL and DanceGRPO run today.
 # numpy on the host (flow_grpo / RTDMD) or eager torch (TRL, DanceGRPO), loops over prompts and all.
 

@@ -12,7 +12,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 
-from rtdmd_kernels import advantage, dmd, policy
+from rtdmd_kernels import advantage, dmd, fake_score, policy
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -120,8 +120,46 @@ def _advantage_specs():
         yield (f"restandardize clip={clip}", advantage._restandardize_kernel,
                *_sig(args, {"CLIP": clip, "BLOCK": advantage.REDUCE_BLOCK}))
 
-SPECS = list(_dmd_specs()) + list(_policy_specs()) + list(_advantage_specs())
-KERNEL_MODULES = [dmd, policy, advantage]
+
+def _fake_score_specs():
+    F = fake_score
+    # (latent dtype, v_hat / noise dtype): the three dtypes and the real mix (fp32 latents, bf16 v_hat).
+    for x_dt, v_dt in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "bf16")):
+        px, pv = f"*{x_dt}", f"*{v_dt}"
+        for per_sample in (False, True):
+            args = {"x_ptr": px, "n_ptr": pv, "out_ptr": px, "sched_ptr": "*fp32", "a": "fp32", "k": "fp32",
+                    "D": "i64"}
+            yield (f"renoise x={x_dt} noise={v_dt} per_sample={per_sample}", F._renoise_kernel,
+                   *_sig(args, {"PER_SAMPLE": per_sample, "BLOCK": F.EW_BLOCK}))
+            for store in (False, True):
+                args = {"v_ptr": pv, "x_ptr": px, "n_ptr": px, "h_ptr": pv, "part_ptr": "*fp32",
+                        "sched_ptr": "*fp32", "scale": "fp32", "cx": "fp32", "beta": "fp32", "w": "fp32",
+                        "D": "i64", "CHUNK": "i32", "S": "i32"}
+                yield (f"fake_score_partials x={x_dt} v={v_dt} per_sample={per_sample} store={store}",
+                       F._fake_score_partials_kernel,
+                       *_sig(args, {"STORE": store, "PER_SAMPLE": per_sample, "BLOCK": F.BLOCK}))
+                args = {"xt_ptr": px, "vh_ptr": pv, "x1_ptr": px, "v1_ptr": pv, "x2_ptr": px, "v2_ptr": pv,
+                        "d1_ptr": "*fp32", "d2_ptr": "*fp32", "part_ptr": "*fp32", "sched_ptr": "*fp32",
+                        "st": "fp32", "sp": "fp32", "D": "i64", "CHUNK": "i32", "S": "i32"}
+                yield (f"consistency_partials x={x_dt} v={v_dt} per_sample={per_sample} store={store}",
+                       F._consistency_partials_kernel,
+                       *_sig(args, {"STORE": store, "PER_SAMPLE": per_sample, "BLOCK": F.BLOCK}))
+            for needs in ((True, True, True), (True, False, False), (False, True, True)):
+                args = {"d1_ptr": "*fp32", "d2_ptr": "*fp32", "ok_ptr": "*fp32", "go_ptr": "*fp32",
+                        "dvh_ptr": pv, "dv1_ptr": pv, "dv2_ptr": pv, "sched_ptr": "*fp32", "st": "fp32",
+                        "sp": "fp32", "D": "i64", "numel": "i64"}
+                yield (f"consistency_grad v={v_dt} per_sample={per_sample} needs={needs}",
+                       F._consistency_grad_kernel,
+                       *_sig(args, {"NEED_VH": needs[0], "NEED_V1": needs[1], "NEED_V2": needs[2],
+                                    "PER_SAMPLE": per_sample, "BLOCK": F.EW_BLOCK}))
+    for nan_to_num in (False, True):
+        args = {"part_ptr": "*fp32", "n_part": "i32", "loss_ptr": "*fp32", "ok_ptr": "*fp32", "numel": "i64",
+                "fmax": "fp32"}
+        yield (f"mean_finalize nan_to_num={nan_to_num}", F._mean_finalize_kernel,
+               *_sig(args, {"NAN_TO_NUM": nan_to_num, "BLOCK": F.FINAL_BLOCK}))
+
+SPECS = list(_dmd_specs()) + list(_policy_specs()) + list(_advantage_specs()) + list(_fake_score_specs())
+KERNEL_MODULES = [dmd, policy, advantage, fake_score]
 
 
 def covered_kernels() -> set[str]:

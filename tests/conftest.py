@@ -43,3 +43,11 @@ def device_backend(request):
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture
+def dynamo_reset():
+    """A clean torch.compile cache before and after a compile test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -659,13 +659,6 @@ def test_triton_deterministic(dtype, normalize):
 # 7. torch.compile
 
 
-@pytest.fixture
-def dynamo_reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _compile_case(device):
     shape = (3, 4, 9, 7)
     ts = [torch.randn(shape, device=device) for _ in range(8)]

@@ -473,13 +473,6 @@ def test_triton_deterministic(with_ref):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.fixture
-def dynamo_reset():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compile_aot_eager(device_backend, dynamo_reset):
     """torch.compile(fullgraph=True, backend="aot_eager") over the three ops (scalar and [B]
     schedules): values and gradients equal eager."""
