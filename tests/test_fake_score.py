@@ -320,9 +320,10 @@ def test_noncontiguous_and_float64():
     oracle = _run_cons(ref.consistency_loss, tensors, (sched[1], sched[0]))
     for a, b in zip(ours, oracle, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    with rk.use_backend("triton" if TRITON_OK else "torch"):  # fp32 strided on the auto backend
-        vs, xs, ns = (t.float() for t in (v, x, n))
-        torch.testing.assert_close(rk.fake_score_loss(vs, xs, ns, 0.5, 0.9).double(),
+    with rk.use_backend("triton" if TRITON_OK else "torch"):  # fp32 strided on the Triton backend
+        vs, xs, ns = (t.float().to(DEVICE) for t in (v, x, n))  # CUDA where present: no interpreter there
+        assert not vs.is_contiguous()
+        torch.testing.assert_close(rk.fake_score_loss(vs, xs, ns, 0.5, 0.9).double().cpu(),
                                    ref.fake_score_loss(v, x, n, 0.5, 0.9), rtol=FP32_RTOL, atol=0)
 
 
