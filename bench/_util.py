@@ -282,7 +282,7 @@ def cuda_peak_bytes(step) -> int:
     return int(peak)
 
 
-def _proc_status_bytes(key: str) -> int | None:
+def proc_status_bytes(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -293,7 +293,7 @@ def _proc_status_bytes(key: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -311,17 +311,17 @@ def _child_peak_rss(op: str, provider: str, shape, dtype: str) -> dict:
     inp = make_inputs(op, shape, DTYPES[dtype], "cpu")
     step = make_step(provider_fn(op, provider), inp)
     gc.collect()
-    if _reset_peak_rss() and _proc_status_bytes("VmHWM") is not None:
+    if reset_peak_rss() and proc_status_bytes("VmHWM") is not None:
         out = step()  # warm-up: one-time lazy initialisation stays out of the number
         del out
         gc.collect()
-        _reset_peak_rss()
-        base = _proc_status_bytes("VmRSS")
+        reset_peak_rss()
+        base = proc_status_bytes("VmRSS")
         out = step()
-        peak = _proc_status_bytes("VmHWM") - base
+        peak = proc_status_bytes("VmHWM") - base
         method = "VmHWM (clear_refs)"
     else:  # first call, measured against the lifetime peak so far
-        base = _proc_status_bytes("VmRSS")
+        base = proc_status_bytes("VmRSS")
         if base is None:
             import psutil
 

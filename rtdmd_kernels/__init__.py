@@ -9,9 +9,10 @@ from .advantage import group_advantages, group_ids
 from .dmd import ac_dmd_loss, dmd_loss
 from .fake_score import consistency_loss, fake_score_loss, renoise
 from .policy import cps_logprob, cps_step, ppo_clip_loss
+from .rollout import checkpointed_decode, checkpointed_rollout
 
 __version__ = "0.1.0"
 
 __all__ = ["group_advantages", "group_ids", "backend_for", "use_backend", "dmd_loss", "ac_dmd_loss",
            "cps_step", "cps_logprob", "ppo_clip_loss", "renoise", "fake_score_loss", "consistency_loss",
-           "__version__"]
+           "checkpointed_rollout", "checkpointed_decode", "__version__"]
