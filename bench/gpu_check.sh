@@ -96,6 +96,18 @@ timeout -k 10 "${GPU_CHECK_FAKE_TIMEOUT:-150}" "$PY" bench/gpu_fake_score_check.
 FAKE_RC=$?
 [ "$FAKE_RC" = "124" ] && echo "!! gpu_fake_score_check.py stopped by its timeout (${GPU_CHECK_FAKE_TIMEOUT:-150}s)"
 
+# Rollout memory vs K with the SD3.5-M transformer (random weights, bf16, 512 px, B=2); CUDA only
+# (the CPU curves come from `python bench/rollout_memory.py` on a CPU machine). GPU_CHECK_ROLLOUT=0 skips it.
+ROLLOUT_RC=skipped
+if [ "$HAVE_CUDA" = "1" ] && [ "${GPU_CHECK_ROLLOUT:-1}" = "1" ]; then
+  echo
+  echo "== bench/rollout_memory.py (SD3.5-M, CUDA; t=$(( $(date +%s) - T_START ))s)"
+  timeout -k 10 "${GPU_CHECK_ROLLOUT_TIMEOUT:-240}" "$PY" bench/rollout_memory.py --device cuda \
+    --config bench/configs/sd35_medium_transformer.json --out "$OUT" --png "$OUT/rollout_memory.png" \
+    > "$OUT/rollout_memory.log" 2>&1
+  ROLLOUT_RC=$?
+fi
+
 BENCH_RC=skipped
 if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
   echo
@@ -108,8 +120,9 @@ if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
 fi
 
 echo
-echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  grpo rc=$GRPO_RC  fake_score rc=$FAKE_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  grpo rc=$GRPO_RC  fake_score rc=$FAKE_RC  rollout rc=$ROLLOUT_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
 [ -s "$OUT/kernel_time.md" ] && { echo; cat "$OUT/kernel_time.md"; }
+[ -s "$OUT/rollout_memory.log" ] && { echo; sed -n '/^| K/,/^$/p' "$OUT/rollout_memory.log"; }
 [ -s "$OUT/grpo_check.log" ] && { echo; sed -n '/^\*\*/,$p' "$OUT/grpo_check.log"; }
 [ -s "$OUT/fake_score_check.log" ] && { echo; sed -n '/^\*\*/,$p' "$OUT/fake_score_check.log"; }
 if [ -s "$OUT/gpu_check_table.md" ]; then

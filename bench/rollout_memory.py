@@ -20,7 +20,7 @@ Run::
 
     python bench/rollout_memory.py --out /tmp/rollout --png bench/rollout_memory.png   # CPU: ~3-4 min
     python bench/rollout_memory.py --quick --out /tmp/rollout                         # CI smoke
-    python bench/rollout_memory.py --device cuda --config /path/sd35_medium_transformer.json --out /tmp/r
+    python bench/rollout_memory.py --device cuda --out /tmp/r   # SD3.5-M config from bench/configs/
 
 Writes ``DIR/rollout_memory.json`` (``--out`` may also name the .json file), prints a markdown table
 (K, mode, peak MB, ratio to the same mode at K=1, time s, time ratio vs plain at the same K) and, with
@@ -77,7 +77,7 @@ MODELS: dict[str, dict] = {
                             pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16),
              "latent": 16, "batch": 1, "text_tokens": 4},
 }
-SD35M_CONFIG = Path("/work/shared/configs/sd35_medium_transformer.json")
+SD35M_CONFIG = BENCH_DIR / "configs" / "sd35_medium_transformer.json"  # copy of ../shared/configs/
 SD35M_LATENT, SD35M_BATCH, SD35M_TEXT_TOKENS = 64, 2, 77  # 512 px -> 64x64 latent; CLIP-length prompt
 
 
