@@ -122,9 +122,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def as_column(value: Scalar, dtype: torch.dtype) -> Scalar:
-    """A per-sample value shaped ``[B, 1]`` for broadcasting against ``[B, D]`` (floats pass through)."""
-    return value.to(dtype).unsqueeze(1) if isinstance(value, torch.Tensor) else value
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for it: a pageable host->CUDA copy blocks until the
+    stream drains, so small host tables go through pinned memory, non-blocking."""
+    if t.device == device:
+        return t.contiguous()
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,18 @@ if triton_available():
         return b, b.to(tl.int64) * D + offs, offs < D
 
     @triton.jit
-    def chunk_program(S, D, CHUNK):
-        # Reduction grid (B * S,), one (sample b, chunk s) per program: (pid, b, sample base, chunk start).
-        pid = tl.program_id(0)
+    def chunk_coords(pid, S, D, CHUNK):
+        # Program pid of a reduction grid (B * S,) handles chunk pid % S of sample b = pid // S:
+        # (b, 64-bit sample base, 64-bit chunk start).
         b = pid // S
-        return pid, b, b.to(tl.int64) * D, (pid % S).to(tl.int64) * CHUNK
+        return b, b.to(tl.int64) * D, (pid % S).to(tl.int64) * CHUNK
+
+    @triton.jit
+    def chunk_program(S, D, CHUNK):
+        # This program's (pid, b, sample base, chunk start), in launch order.
+        pid = tl.program_id(0)
+        b, base, start = chunk_coords(pid, S, D, CHUNK)
+        return pid, b, base, start
 
     @triton.jit
     def chunk_offsets(base, start, i, D, BLOCK: tl.constexpr):

@@ -23,6 +23,7 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import torch
 
+from . import _common as C
 from ._backend import backend_for, triton_available
 
 __all__ = ["group_advantages", "group_ids"]
@@ -349,22 +350,14 @@ def _check_weights(weights, R: int, device: torch.device) -> torch.Tensor | None
         cached = _WEIGHTS_CACHE.get(key)
         if cached is not None:
             return cached
-        w = _to_device(torch.tensor(key[0], dtype=torch.float32), device)
+        w = C.to_device(torch.tensor(key[0], dtype=torch.float32), device)
         if len(_WEIGHTS_CACHE) >= 64:
             _WEIGHTS_CACHE.clear()
         _WEIGHTS_CACHE[key] = w  # the same list every step: no host -> device copy after the first
         return w
     else:
         raise TypeError(f"weights must be None, a list/tuple or a 1-D tensor, got {type(weights).__name__}")
-    return _to_device(w.to(torch.float64 if w.dtype == torch.float64 else torch.float32), device)
-
-
-def _to_device(w: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if w.device == device:
-        return w.contiguous()
-    if device.type == "cuda" and w.device.type == "cpu":
-        return w.pin_memory().to(device, non_blocking=True)  # a pageable copy would wait for the device
-    return w.to(device)
+    return C.to_device(w.to(torch.float64 if w.dtype == torch.float64 else torch.float32), device)
 
 
 def group_advantages(
@@ -410,10 +403,7 @@ def group_advantages(
       * Dr. GRPO / TRL ``scale_rewards="none"``: ``scale="none"``.
     Usually followed by ``clip=5.0`` (``adv_clip_max``).
     """
-    if not isinstance(rewards, torch.Tensor):
-        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    if not rewards.is_floating_point():
-        raise TypeError(f"rewards must be a float tensor, got dtype {rewards.dtype}")
+    C.check_tensor("rewards", rewards)
     if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[1] == 0):
         raise ValueError(f"rewards must have shape [N] or [N, R] with R >= 1, got {tuple(rewards.shape)}")
     if not isinstance(group_ids, torch.Tensor):
@@ -425,12 +415,10 @@ def group_advantages(
         raise ValueError(f"group_ids must have shape [N]={[N]} (N from rewards), got {tuple(group_ids.shape)}")
     if group_ids.device != rewards.device:
         raise ValueError(f"group_ids is on {group_ids.device} but rewards is on {rewards.device}")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    C.check_choice("scale", scale, SCALES)
     if isinstance(ddof, bool) or ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    eps = C.check_eps(eps)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0):
         raise ValueError(f"clip must be None or a float >= 0, got {clip!r}")
     R = rewards.shape[1] if rewards.dim() == 2 else 1

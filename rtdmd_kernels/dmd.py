@@ -40,7 +40,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from ._triton_utils import per_sample_value
+    from ._triton_utils import chunk_coords, chunk_offsets, chunk_program, per_sample_value, stream_f32
 
     @triton.jit
     def _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE: tl.constexpr):
@@ -70,23 +70,17 @@ if triton_available():
         AC: tl.constexpr, HAS_UNCOND: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # Pass A: part[b, s] = sum over chunk s of sample b of |x - x_real| (x_real = xs_real for AC).
-        pid = tl.program_id(0)
-        b = pid // S
-        s = pid % S
-        base = b.to(tl.int64) * D
-        start = s.to(tl.int64) * CHUNK
+        pid, b, base, start = chunk_program(S, D, CHUNK)
         if AC:
             a, k, c, g_s = _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, CHUNK, BLOCK):
-            offs = start + i + tl.arange(0, BLOCK)
-            mask = offs < D
-            offs = base + offs
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            offs, mask = chunk_offsets(base, start, i, D, BLOCK)
+            x = stream_f32(x_ptr, offs, mask)
             if AC:
-                xt = tl.load(r_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                xt = stream_f32(r_ptr, offs, mask)
                 v = _teacher_velocity(v_ptr, vu_ptr, offs, mask, g_s, HAS_UNCOND, "evict_last")
-                nz = tl.load(noise_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                nz = stream_f32(noise_ptr, offs, mask)
                 real = a * xt + k * v + c * nz
             else:
                 real = tl.load(r_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -105,8 +99,7 @@ if triton_available():
         # finite range of x's dtype, stored; sq[b, s] = sum of g^2 over the chunk.
         # Samples run last-to-first: the x_real-side data pass A touched last is still in L2.
         pid = tl.num_programs(0) - 1 - tl.program_id(0)
-        b = pid // S
-        s = pid % S
+        b, base, start = chunk_coords(pid, S, D, CHUNK)
         if NORM == 0:
             idx = tl.arange(0, S_BLOCK)
             p = tl.load(part_ptr + b * S + idx, mask=idx < S, other=0.0)
@@ -118,19 +111,15 @@ if triton_available():
         if AC:
             # xs_fake - xs_real = k * (v_fake - v_teacher): the shared noise and x_t cancel.
             _a, k, _c, g_s = _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE)
-        base = b.to(tl.int64) * D
-        start = s.to(tl.int64) * CHUNK
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, CHUNK, BLOCK):
-            offs = start + i + tl.arange(0, BLOCK)
-            mask = offs < D
-            offs = base + offs
-            f = tl.load(f_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            offs, mask = chunk_offsets(base, start, i, D, BLOCK)
+            f = stream_f32(f_ptr, offs, mask)
             if AC:
                 v = _teacher_velocity(r_ptr, vu_ptr, offs, mask, g_s, HAS_UNCOND, "evict_first")
                 diff = k * (f - v)
             else:
-                r = tl.load(r_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                r = stream_f32(r_ptr, offs, mask)
                 diff = f - r
             g = diff / n
             g = tl.where(g != g, 0.0, g)
@@ -140,7 +129,7 @@ if triton_available():
                 tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
             acc += g * g
         tl.store(sq_ptr + pid, tl.sum(acc, axis=0))
-        if s == 0:
+        if start == 0:  # one program per sample records its normalizer
             tl.store(norm_ptr + b, n)
 
     @triton.jit

@@ -47,7 +47,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from ._triton_utils import per_sample_value
+    from ._triton_utils import chunk_offsets, chunk_program, per_sample_value, sample_block, stream_f32
 
     @triton.jit
     def _cps_step_kernel(
@@ -55,10 +55,7 @@ if triton_available():
         PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # mean = a*x + k*v, x_next = mean + c*noise; grid (blocks of a sample, sample).
-        b = tl.program_id(1)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < D
-        offs = b.to(tl.int64) * D + offs
+        b, offs, mask = sample_block(D, BLOCK)
         a = per_sample_value(sched_ptr, b, 0, 4, a, PER_SAMPLE)
         k = per_sample_value(sched_ptr, b, 1, 4, k, PER_SAMPLE)
         c = per_sample_value(sched_ptr, b, 2, 4, c, PER_SAMPLE)
@@ -76,10 +73,7 @@ if triton_available():
         PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # g = grad x_next + grad mean (same Jacobians); dx = a*g, dv = k*g.
-        b = tl.program_id(1)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < D
-        offs = b.to(tl.int64) * D + offs
+        b, offs, mask = sample_block(D, BLOCK)
         g = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_GXN:
             g += tl.load(gxn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -100,28 +94,22 @@ if triton_available():
     ):
         # Pass 1: res = x_next - (a*x + k*v); part[b, s] = sum of res^2 over chunk s of sample b.
         # With a reference velocity also res2 = mean - mean_ref = k*(v - v_ref) and its sum of squares.
-        pid = tl.program_id(0)
-        b = pid // S
-        s = pid % S
+        pid, b, base, start = chunk_program(S, D, CHUNK)
         a = per_sample_value(sched_ptr, b, 0, 4, a, PER_SAMPLE)
         k = per_sample_value(sched_ptr, b, 1, 4, k, PER_SAMPLE)
-        base = b.to(tl.int64) * D
-        start = s.to(tl.int64) * CHUNK
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, CHUNK, BLOCK):
-            offs = start + i + tl.arange(0, BLOCK)
-            mask = offs < D
-            offs = base + offs
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            xn = tl.load(xn_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            offs, mask = chunk_offsets(base, start, i, D, BLOCK)
+            x = stream_f32(x_ptr, offs, mask)
+            v = stream_f32(v_ptr, offs, mask)
+            xn = stream_f32(xn_ptr, offs, mask)
             res = xn - (a * x + k * v)
             acc += res * res
             if STORE_RES:
                 tl.store(res_ptr + offs, res, mask=mask)
             if HAS_REF:
-                vr = tl.load(vref_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                vr = stream_f32(vref_ptr, offs, mask)
                 r2 = k * (v - vr)
                 acc2 += r2 * r2
                 if STORE_RES:
@@ -206,10 +194,7 @@ if triton_available():
         RECOMPUTE: tl.constexpr, HAS_REF: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # dv = go_b * (c1_b * res + c2_b * res2); res is read (PPO) or recomputed from x, v, x_next.
-        b = tl.program_id(1)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < D
-        offs = b.to(tl.int64) * D + offs
+        b, offs, mask = sample_block(D, BLOCK)
         go = tl.load(go_ptr + b * GO_STRIDE).to(tl.float32)
         if RECOMPUTE:
             a = per_sample_value(sched_ptr, b, 0, 4, a, PER_SAMPLE)

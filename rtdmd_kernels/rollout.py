@@ -55,7 +55,7 @@ def _sigma_table(sigmas: object, x_T: torch.Tensor) -> torch.Tensor:
     elif isinstance(sigmas, Sequence) and not isinstance(sigmas, str):
         if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in sigmas):
             raise TypeError("sigmas must be a tensor or a sequence of Python floats")
-        table = torch.tensor([float(s) for s in sigmas], dtype=torch.float32, device=x_T.device)
+        table = C.to_device(torch.tensor([float(s) for s in sigmas], dtype=torch.float32), x_T.device)
     else:
         raise TypeError(f"sigmas must be a tensor [K+1] or [B, K+1] or a sequence of floats, got "
                         f"{type(sigmas).__name__}")
