@@ -91,6 +91,23 @@ def pack_schedule(
     return torch.stack(cols, dim=1).contiguous(), [0.0] * len(values)
 
 
+def schedule_math(values: Sequence[Scalar | None]) -> tuple[list, torch.dtype | None]:
+    """Schedule values ready for per-sample coefficient math in double precision.
+
+    No tensor among them: the Python floats unchanged and dtype None. Otherwise every value as a
+    float64 ``[B]`` tensor on the tensors' device (``None`` stays ``None``), and the dtype the
+    coefficients are returned in: float64 if any input tensor is float64, else float32.
+    """
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return list(values), None
+    B, dev = tensors[0].shape[0], tensors[0].device
+    out = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [v.double() if isinstance(v, torch.Tensor) else
+            None if v is None else torch.full((B,), float(v), dtype=torch.float64, device=dev)
+            for v in values], out
+
+
 def eta_cos_sin(eta: Scalar) -> tuple[Scalar, Scalar]:
     """``(cos(eta*pi/2), sin(eta*pi/2))`` of a float or a ``[B]`` tensor (computed in float64, returned
     in the tensor's dtype)."""

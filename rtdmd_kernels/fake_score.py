@@ -462,18 +462,15 @@ def _sub_interval(sigma_s, sigma_t, exact: bool):
     """Per-sample ``(a, sigma_ts, sigma_ts/(1-sigma_s), beta)`` of SPEC §4.1.3-4, from floats (math in
     double, returned as floats) or ``[B]`` tensors (float64 math, returned in float32, float64 when
     ``exact`` or a sigma is float64)."""
-    tensors = [t for t in (sigma_s, sigma_t) if isinstance(t, torch.Tensor)]
-    if not tensors:
+    (ss, st), out = C.schedule_math((sigma_s, sigma_t))
+    if out is None:
         if sigma_s == 1.0:
             raise ValueError("sigma_s must be < 1 (the renoise kernel divides by 1 - sigma_s)")
         a = (1.0 - sigma_t) / (1.0 - sigma_s)
         sts = math.sqrt(max(sigma_t**2 - a**2 * sigma_s**2, VAR_FLOOR))
         beta = sigma_t + (1.0 - sigma_t) * sigma_s**2 / (1.0 - sigma_s) ** 2
         return a, sts, sts / (1.0 - sigma_s), beta
-    out = torch.float64 if exact or any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    B, dev = tensors[0].shape[0], tensors[0].device
-    ss, st = (t.double() if isinstance(t, torch.Tensor) else torch.full((B,), t, dtype=torch.float64, device=dev)
-              for t in (sigma_s, sigma_t))
+    out = torch.float64 if exact else out
     a = (1.0 - st) / (1.0 - ss)
     sts = torch.sqrt(torch.clamp(st**2 - a**2 * ss**2, min=VAR_FLOOR))
     beta = st + (1.0 - st) * ss**2 / (1.0 - ss) ** 2

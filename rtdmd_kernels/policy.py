@@ -609,16 +609,8 @@ def _coefficients(kind, sigma, sigma_next, eta, sigma_max):
     (cps: sigma_next*sin(eta*pi/2); sde: the Gaussian's sd = std*sqrt(-dt)); ``kl_std`` the std the
     KL term divides by. Floats stay floats (math in double); tensors are computed in float64 and
     returned in float32 (float64 if any schedule tensor is float64)."""
-    vals = (sigma, sigma_next, eta, sigma_max)
-    tensors = [t for t in vals if isinstance(t, torch.Tensor)]
-    if tensors:
-        out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-        dev = tensors[0].device
-        s, sn, et, sm = (t.double() if isinstance(t, torch.Tensor) else
-                         (torch.full((), float(t), dtype=torch.float64, device=dev) if t is not None else None)
-                         for t in vals)
-    else:
-        s, sn, et, sm = vals
+    (s, sn, et, sm), out_dtype = C.schedule_math((sigma, sigma_next, eta, sigma_max))
+    tensors = out_dtype is not None
     if kind == "cps":
         c_eta, s_eta = C.eta_cos_sin(et)
         omc = 1.0 - c_eta
@@ -645,7 +637,7 @@ def _coefficients(kind, sigma, sigma_next, eta, sigma_max):
                              f"(sigma={s}, sigma_next={sn}, sigma_max={sm}): {exc}") from None
         c, kl_std = sd, std
     if tensors:
-        return tuple(t.to(out_dtype).expand(tensors[0].shape[0]).contiguous() for t in (a, k, c, kl_std))
+        return tuple(t.to(out_dtype).contiguous() for t in (a, k, c, kl_std))
     return float(a), float(k), float(c), float(kl_std)
 
 
