@@ -234,6 +234,21 @@ def loss_and_grad(fn, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return loss.detach(), dx
 
 
+def sync_check(fn) -> dict:
+    """Run ``fn`` once under ``torch.cuda.set_sync_debug_mode("error")``: ``{"no_host_sync": True}``, or
+    ``False`` with the error when it synchronised the host with the device."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return {"no_host_sync": True}
+    except RuntimeError as exc:
+        return {"no_host_sync": False, "error": str(exc)[:200]}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b| in float64 (max-abs relative error)."""
     a, b = a.detach().double(), b.detach().double()

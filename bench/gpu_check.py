@@ -274,18 +274,8 @@ class GpuCheck:
                         base = getattr(rk, op) if provider == "ours" else getattr(reference, op)
                         fn = (lambda *a, _f=base, _e=extra, **k: _f(*a, **k, **_e)[0]) if extra else base
                         step = bu.make_step(fn, inp, sync=False)
-                        step()
-                        torch.cuda.synchronize()
-                        torch.cuda.set_sync_debug_mode("error")
-                        try:
-                            step()
-                            row["no_host_sync"] = True
-                        except RuntimeError as exc:
-                            row["no_host_sync"] = False
-                            row["error"] = _err_str(exc)
-                        finally:
-                            torch.cuda.set_sync_debug_mode(0)
-                        torch.cuda.synchronize()
+                        step()  # warm: first-call compilation may legitimately sync
+                        row.update(bu.sync_check(step))
                     except Exception as exc:
                         torch.cuda.set_sync_debug_mode(0)
                         self.error(where, exc)

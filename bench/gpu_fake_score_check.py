@@ -42,11 +42,6 @@ GRAD_KEYS = {"fake_score_loss": ("v_hat",), "consistency_loss": ("v_hat", "v1", 
 SIGMAS = ("sigma_s", "sigma_t", "sigma_p")
 
 
-def rel(a, b) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def call(op: str, fn, c: dict):
     if op == "fake_score_loss":
         return fn(c["v_hat"], c["x_s"], c["noise"], c["sigma_s"], c["sigma_t"])
@@ -79,14 +74,14 @@ def check(op: str, c: dict, float_sigmas: bool = False) -> dict:
     c64 = as_float64(c)
     if op == "renoise":
         with torch.no_grad():
-            return {"x_err": rel(rk.renoise(c["x_s"], c["noise"], c["sigma_s"], c["sigma_t"]),
+            return {"x_err": bu.rel_err(rk.renoise(c["x_s"], c["noise"], c["sigma_s"], c["sigma_t"]),
                                  reference.renoise(c64["x_s"], c64["noise"], c64["sigma_s"], c64["sigma_t"]))}
     loss, grads = loss_grads(op, getattr(rk, op), c)
     l64, g64 = loss_grads(op, getattr(reference, op), c64)
-    rec = {"loss": float(loss), "loss_ref": float(l64), "loss_err": rel(loss, l64),
+    rec = {"loss": float(loss), "loss_ref": float(l64), "loss_err": bu.rel_err(loss, l64),
            "loss_abs_err": float((loss.double() - l64).abs())}
     for k, g, r in zip(GRAD_KEYS[op], grads, g64, strict=True):
-        rec[f"grad_err_{k}"] = rel(g, r)
+        rec[f"grad_err_{k}"] = bu.rel_err(g, r)
         rec[f"grad_dtype_{k}"] = bu.dtype_name(g.dtype)
     rec["grad_err"] = max(rec[f"grad_err_{k}"] for k in GRAD_KEYS[op])
     return rec
@@ -94,15 +89,7 @@ def check(op: str, c: dict, float_sigmas: bool = False) -> dict:
 
 def sync_free(op: str, c: dict) -> dict:
     """Ours' call (fwd+bwd for the losses) raises under sync debug mode "error" if it syncs the host."""
-    step = make_step(op, getattr(rk, op), c, sync=False)
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        step()
-        return {"op": op, "no_host_sync": True}
-    except RuntimeError as exc:
-        return {"op": op, "no_host_sync": False, "error": str(exc)[:200]}
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    return {"op": op, **bu.sync_check(make_step(op, getattr(rk, op), c, sync=False))}
 
 
 def main() -> int:

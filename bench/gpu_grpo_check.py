@@ -59,11 +59,6 @@ def ppo_step(fn, inp):
     return step
 
 
-def rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
@@ -90,20 +85,13 @@ def main() -> int:
                 l64 = reference.ppo_clip_loss(x.double(), v64, x_next.double(), old_logp.double(), adv.double(),
                                               sigma.double(), sigma_next.double(), eta=ETA)
                 (dv64,) = torch.autograd.grad(l64, v64)
-                rec = {"case": case, "v_dtype": bu.dtype_name(v_dtype), "loss_err": rel(loss, l64),
-                       "grad_err": rel(dv, dv64), "ratio_mean": float(stats["ratio_mean"]),
+                rec = {"case": case, "v_dtype": bu.dtype_name(v_dtype), "loss_err": bu.rel_err(loss, l64),
+                       "grad_err": bu.rel_err(dv, dv64), "ratio_mean": float(stats["ratio_mean"]),
                        "clip_fraction": float(stats["clip_fraction"])}
                 out["correctness"].append(rec)
                 if cuda:
-                    try:
-                        torch.cuda.set_sync_debug_mode("error")
-                        ppo_step(rk.ppo_clip_loss, inp)()
-                        out["sync"].append({"op": "ppo_clip_loss", "case": case, "no_host_sync": True})
-                    except RuntimeError as exc:
-                        out["sync"].append({"op": "ppo_clip_loss", "case": case, "no_host_sync": False,
-                                            "error": str(exc)[:200]})
-                    finally:
-                        torch.cuda.set_sync_debug_mode(0)
+                    out["sync"].append({"op": "ppo_clip_loss", "case": case,
+                                        **bu.sync_check(ppo_step(rk.ppo_clip_loss, inp))})
                 nbytes = x.numel() * (4 + 4 + v.element_size() * 2)  # x, x_next read; v read; dv written
                 t = {"case": case, "v_dtype": bu.dtype_name(v_dtype), "bytes": nbytes}
                 for name, fn in (("ours", rk.ppo_clip_loss), ("eager", reference.ppo_clip_loss)):
@@ -151,19 +139,14 @@ def main() -> int:
                 if run_numpy:
                     expected = numpy_path()
                     rec["err"] = float((ours.cpu() - expected.cpu()).abs().max())
-                if cuda:
-                    try:
-                        torch.cuda.set_sync_debug_mode("error")
-                        rk.group_advantages(r_dev if n_rewards > 1 else r_dev[:, 0], ids_dev, **kw)
-                        rec["no_host_sync"] = True
-                    except RuntimeError as exc:
-                        rec["no_host_sync"] = False
-                        rec["sync_error"] = str(exc)[:200]
-                    finally:
-                        torch.cuda.set_sync_debug_mode(0)
-
                 def ours_call(r=r_dev, n_rewards=n_rewards, kw=kw, ids_dev=ids_dev):
                     return rk.group_advantages(r if n_rewards > 1 else r[:, 0], ids_dev, **kw)
+
+                if cuda:
+                    sync = bu.sync_check(ours_call)
+                    rec["no_host_sync"] = sync["no_host_sync"]
+                    if "error" in sync:
+                        rec["sync_error"] = sync["error"]
 
                 rec["ours_host_us"] = host_us(ours_call, 20, cuda)
                 if run_numpy:
