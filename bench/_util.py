@@ -77,6 +77,16 @@ def providers_for(device: str) -> list[str]:
     return ["ours", "reference", "compiled"] if device == "cuda" else ["ours", "reference"]
 
 
+def bench_params(ops, device: str, prefix: str = "") -> list:
+    """pytest params (op, provider, case, dtype) over every op, latent case, dtype and provider of
+    ``device``; ids ``{prefix}{op}-{provider}-{case}-{dtype}``."""
+    import pytest
+
+    return [pytest.param(op, provider, case, dtype, id=f"{prefix}{op}-{provider}-{case}-{dtype}")
+            for op in ops for case in cases_for(device) for dtype in dtypes_for(device)
+            for provider in providers_for(device)]
+
+
 def floor_bytes(op: str, shape, dtype: torch.dtype) -> int:
     """Floor traffic of one fwd+bwd: each input read once and dx written once (ANCHORS §6.3)."""
     return N_TENSORS[op] * math.prod(shape) * torch.empty((), dtype=dtype).element_size()

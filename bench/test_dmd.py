@@ -16,13 +16,7 @@ import torch
 DEVICE = bu.bench_device()
 SYNC = DEVICE == "cuda"  # pytest-benchmark reads a host clock: wait for the device inside the step
 
-PARAMS = [
-    pytest.param(op, provider, case, dtype, id=f"{op}-{provider}-{case}-{dtype}")
-    for op in bu.OPS
-    for case in bu.cases_for(DEVICE)
-    for dtype in bu.dtypes_for(DEVICE)
-    for provider in bu.providers_for(DEVICE)
-]
+PARAMS = bu.bench_params(bu.OPS, DEVICE)
 
 
 def _info(op, provider, case, dtype, inp, **more):

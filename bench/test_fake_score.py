@@ -33,13 +33,7 @@ SYNC = DEVICE == "cuda"  # pytest-benchmark reads a host clock: wait for the dev
 ETA = 0.9
 OPS = ("fake_score_loss", "consistency_loss", "renoise")
 
-PARAMS = [
-    pytest.param(op, provider, case, vdt, id=f"fake_score-{op}-{provider}-{case}-v{vdt}")
-    for op in OPS
-    for case in bu.cases_for(DEVICE)
-    for vdt in bu.dtypes_for(DEVICE)
-    for provider in bu.providers_for(DEVICE)
-]
+PARAMS = bu.bench_params(OPS, DEVICE, prefix="fake_score-")
 
 
 def draw_sigmas(B: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

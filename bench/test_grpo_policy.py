@@ -30,13 +30,7 @@ SYNC = DEVICE == "cuda"
 ETA = 0.9
 OPS = ("ppo_clip_loss", "cps_step")
 
-PARAMS = [
-    pytest.param(op, provider, case, vdt, id=f"policy-{op}-{provider}-{case}-v{vdt}")
-    for op in OPS
-    for case in bu.cases_for(DEVICE)
-    for vdt in bu.dtypes_for(DEVICE)
-    for provider in bu.providers_for(DEVICE)
-]
+PARAMS = bu.bench_params(OPS, DEVICE, prefix="policy-")
 
 
 def make_case(shape, v_dtype: torch.dtype, device: str, seed: int = 0) -> dict:
