@@ -1,0 +1,446 @@
+"""Trainer configuration: nested dataclasses, YAML presets, dotted ``--set`` overrides, validation.
+
+The schema is the dataclasses below; a generic validator walks their type hints, so adding a key is
+just adding a field (with ``metadata={"min": ..., "max": ..., "min_exclusive": True, "check": fn}``
+for range checks). Cross-field rules live in :func:`validate`. Every problem raises
+:class:`ConfigError` with one line naming the dotted key (or the file), which the CLI turns into
+exit status 2 (API.md §2.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError", "Config", "ModelConfig", "ToyConfig", "ScheduleConfig", "RewardConfig", "Stage1Config",
+    "Stage2Config", "EvalConfig", "LogConfig", "DistributedConfig", "load_config", "config_from_dict",
+    "config_to_dict", "save_config", "section_hash", "available_presets", "validate",
+]
+
+PRESET_DIR = Path(__file__).parent / "configs"
+TOY_PATCH_SIZE = 2  # the toy SD3 network's patch size (TOY.md); latent H and W must divide by it
+
+
+class ConfigError(ValueError):
+    """A bad config value, key, file or preset; the message is one line naming the key or path."""
+
+
+def _rng(lo: float | None = None, hi: float | None = None, *, lo_ex: bool = False, hi_ex: bool = False) -> dict:
+    """Field metadata for a range check (inclusive unless ``*_ex``)."""
+    return {"min": lo, "max": hi, "min_exclusive": lo_ex, "max_exclusive": hi_ex}
+
+
+def _check_latent_shape(v: list[int]) -> str | None:
+    return None if len(v) == 3 and all(x >= 1 for x in v) else "must be 3 positive ints"
+
+
+def _check_std_range(v: list[float]) -> str | None:
+    return None if len(v) == 2 and 0 < v[0] <= v[1] else "must be 2 floats [lo, hi] with 0 < lo <= hi"
+
+
+def _check_steps(v: list[int]) -> str | None:
+    ok = len(v) >= 1 and all(0 < x <= 1000 for x in v) and all(a > b for a, b in zip(v[:-1], v[1:], strict=True))
+    return None if ok else "must be a non-empty, strictly decreasing list of ints in (0, 1000]"
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["toy", "sd3", "flux2"] = "toy"
+    path: str | None = None
+    num_layers: int = field(default=2, metadata=_rng(1))
+    num_heads: int = field(default=2, metadata=_rng(1))
+    head_dim: int = field(default=32, metadata=_rng(1))
+    prompt_tokens: int = field(default=4, metadata=_rng(1))  # learned prompt tokens of the toy network
+    text_dim: int = field(default=64, metadata=_rng(1))  # joint_attention_dim of the toy network
+    pooled_dim: int = field(default=32, metadata=_rng(1))
+    lora_rank: int = field(default=0, metadata=_rng(0))  # 0 = train full parameters
+    lora_alpha: float = field(default=0.0, metadata=_rng(0))  # 0 = same as lora_rank (scale 1)
+
+
+@dataclass
+class ToyConfig:
+    num_prompts: int = field(default=4, metadata=_rng(1))
+    num_components: int = field(default=3, metadata=_rng(1))
+    latent_shape: list[int] = field(default_factory=lambda: [4, 8, 8], metadata={"check": _check_latent_shape})
+    data_seed: int = field(default=20260526, metadata=_rng(0))  # fixes mixtures and reward directions
+    min_weight: float = field(default=0.15, metadata=_rng(0, lo_ex=True))  # <= 1/num_components: validate()
+    std_range: list[float] = field(default_factory=lambda: [0.3, 0.6], metadata={"check": _check_std_range})
+    teacher_guidance: float = field(default=1.0, metadata=_rng(0))
+    n_eval: int = field(default=2048, metadata=_rng(2))
+    beta: float = field(default=1.0, metadata=_rng(0))
+    beta_max: float = field(default=4.0, metadata=_rng(0, lo_ex=True))
+    beta_step: float = field(default=0.1, metadata=_rng(0, lo_ex=True))  # <= beta_max: validate()
+    base_steps: int = field(default=1000, metadata=_rng(0))  # base pretraining optimizer steps
+    base_batch_size: int = field(default=128, metadata=_rng(1))
+    base_lr: float = field(default=1e-3, metadata=_rng(0, lo_ex=True))
+    base_cfg_dropout: float = field(default=0.1, metadata=_rng(0, 1))
+    base_cache: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250],
+                                       metadata={"check": _check_steps})
+    shift: float = field(default=3.0, metadata=_rng(0, lo_ex=True))
+    eta: float = field(default=0.9, metadata=_rng(0, 1))
+
+
+@dataclass
+class RewardConfig:
+    weight: float = 1.0
+    backprop: bool = False
+    path: str | None = None
+
+
+def _default_rewards() -> dict[str, RewardConfig]:
+    return {"linear": RewardConfig(weight=1.0, backprop=True), "binary": RewardConfig(weight=1.0, backprop=False)}
+
+
+@dataclass
+class Stage1Config:
+    steps: int = field(default=2000, metadata=_rng(0))
+
+
+@dataclass
+class Stage2Config:
+    steps: int = field(default=100, metadata=_rng(0))
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = field(default=4096, metadata=_rng(1))
+
+
+@dataclass
+class LogConfig:
+    interval: int = field(default=50, metadata=_rng(1))
+    progress: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+
+
+@dataclass
+class Config:
+    preset: str = "toy"
+    seed: int = field(default=0, metadata=_rng(0))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    rewards: dict[str, RewardConfig] = field(default_factory=_default_rewards)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# ---------------------------------------------------------------- generic validator
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _got(v: Any) -> str:
+    r = repr(v)
+    return f"{r if len(r) <= 60 else r[:57] + '...'} ({type(v).__name__})"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _is_dc_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """``X`` for ``X | None`` (or ``Optional[X]``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _unknown(key: str, known: Sequence[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(v: Any, tp: Any, key: str) -> Any:
+    """Check ``v`` against type hint ``tp`` and return it converted (int -> float, mappings -> dataclasses)."""
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if v is None else _coerce(v, inner, key)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_dc_type(tp):
+        return _build(tp, v, key)
+    if origin is Literal:
+        # `type(v) is type(a)` so that True does not match a 1 choice
+        if not any(v == a and type(v) is type(a) for a in args):
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, args))}, got {_got(v)}")
+        return v
+    if origin is dict:
+        if not isinstance(v, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {_got(v)}")
+        out = {}
+        for name, sub in v.items():
+            # names become dotted keys, so they must be addressable by `--set key.name.sub=...`
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+                raise ConfigError(f"config key '{key}' has an invalid entry name {name!r} (use letters, digits, _ -)")
+            out[name] = _coerce(sub, args[1], f"{key}.{name}")
+        return out
+    if origin is list:
+        if not isinstance(v, list):
+            raise ConfigError(f"config key '{key}' must be a list of {args[0].__name__}s, got {_got(v)}")
+        return [_coerce(x, args[0], f"{key}[{i}]") for i, x in enumerate(v)]
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"config key '{key}' must be a bool (true/false), got {_got(v)}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"config key '{key}' must be an int, got {_got(v)}")
+        return v
+    if tp is float:
+        # YAML 1.1 reads `1e-3` (no dot) as a str: accept any str float() accepts
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise ConfigError(f"config key '{key}' must be a float, got {_got(v)}") from None
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"config key '{key}' must be a float, got {_got(v)}")
+        if not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be a finite float, got {v}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"config key '{key}' must be a str, got {_got(v)}")
+        return v
+    raise TypeError(f"config key '{key}': unsupported field type {tp!r} in the schema")
+
+
+def _check_meta(v: Any, meta: Mapping[str, Any], key: str) -> None:
+    if v is None:
+        return
+    lo, hi = meta.get("min"), meta.get("max")
+    lo_ex, hi_ex = meta.get("min_exclusive", False), meta.get("max_exclusive", False)
+    # written as `not (ok)` so that nan/inf compare as out of range
+    bad = lo is not None and not (v > lo if lo_ex else v >= lo)
+    bad = bad or (hi is not None and not (v < hi if hi_ex else v <= hi))
+    if bad:
+        if lo is not None and hi is not None:
+            want = f"in {'(' if lo_ex else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_ex else ']'}"
+        elif lo is not None:
+            want = f"{'>' if lo_ex else '>='} {_fmt(lo)}"
+        else:
+            want = f"{'<' if hi_ex else '<='} {_fmt(hi)}"
+        raise ConfigError(f"config key '{key}' must be {want}, got {_fmt(v)}")
+    check: Callable[[Any], str | None] | None = meta.get("check")
+    if check is not None and (msg := check(v)) is not None:
+        raise ConfigError(f"config key '{key}' {msg}, got {v!r}")
+
+
+def _build(cls: type, data: Any, key: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; keys not given take the dataclass defaults."""
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{key}' must be a mapping, got {_got(data)}")
+    prefix = f"{key}." if key else ""
+    hints, fields = _hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            raise _unknown(f"{prefix}{k}", list(fields), prefix)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+            _check_meta(kwargs[name], f.metadata, prefix + name)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> None:
+    """Check every field of ``cfg`` (types, ranges) and the cross-field rules; raise ConfigError."""
+    cfg = _build(Config, config_to_dict(cfg))  # re-checks fields, also after code mutated cfg
+    t, m = cfg.toy, cfg.model
+    if t.min_weight * t.num_components > 1 + 1e-12:
+        raise ConfigError(f"config key 'toy.min_weight' must be <= 1/toy.num_components = "
+                          f"{_fmt(1 / t.num_components)}, got {_fmt(t.min_weight)}")
+    if t.beta_step > t.beta_max:
+        raise ConfigError(f"config key 'toy.beta_step' must be <= toy.beta_max = {_fmt(t.beta_max)}, "
+                          f"got {_fmt(t.beta_step)}")
+    if m.kind == "toy" and any(s % TOY_PATCH_SIZE for s in t.latent_shape[1:]):
+        raise ConfigError(f"config key 'toy.latent_shape' must have height and width divisible by the toy "
+                          f"network's patch size {TOY_PATCH_SIZE}, got {t.latent_shape}")
+    if m.kind == "toy" and m.num_heads * m.head_dim % 2:
+        # SD3's sin-cos positional embedding needs an even inner dim (num_heads * head_dim)
+        raise ConfigError(f"config key 'model.head_dim' times model.num_heads must be even for the toy network, "
+                          f"got {m.head_dim} * {m.num_heads}")
+
+
+# ---------------------------------------------------------------- dicts, files, presets
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (dicts, lists, str, int, float, bool, None) of a config or section, in field order."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config`; keys not given take the dataclass defaults."""
+    cfg = _build(Config, d)
+    validate(cfg)
+    return cfg
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings, one-line lists: reads like the presets."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML atomically (temp file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in ``rtdmd/configs/*.yaml``, sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} '{path}': {type(e).__name__}: {e.args[-1] if e.args else e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML in {what} '{path}'{where}: {getattr(e, 'problem', None) or e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must contain a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _field_type(parts: list[str]) -> Any:
+    """Type hint at a dotted path of the schema, or ConfigError for an unknown key."""
+    tp: Any = Config
+    for i, part in enumerate(parts):
+        key, prefix = ".".join(parts[: i + 1]), ".".join(parts[:i]) + ("." if i else "")
+        tp = _optional_inner(tp) or tp
+        if _is_dc_type(tp):
+            hints = _hints(tp)
+            if part not in hints:
+                raise _unknown(key, list(hints), prefix)
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]  # any entry name: a new entry is created with defaults
+        else:
+            raise ConfigError(f"unknown config key '{key}' ('{prefix[:-1]}' has no sub-keys)")
+    return tp
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"config override '{item}' must look like key.sub=value")
+    key, text = (s.strip() for s in item.split("=", 1))
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"config override '{item}' has an empty key part")
+    tp = _field_type(parts)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config key '{key}': cannot parse override value {text!r} as YAML") from e
+    str_like = tp is str or _optional_inner(tp) is str or (
+        typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
+    if str_like and value is not None and not isinstance(value, str):
+        value = text  # `model.path=123` or `device=yes` mean the text, not YAML's int/bool
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})  # a new rewards.<name> starts empty and takes defaults
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}' cannot be set: '{part}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_config(preset: str | None = "toy", config_file: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Resolve a config: ``config_file`` if given (then ``preset`` is ignored), else preset ``preset``
+    (``rtdmd/configs/<preset>.yaml``), else the dataclass defaults; then the ``key.sub=value`` overrides
+    (values parsed as YAML), in order; then validation. Raises ConfigError."""
+    if config_file is not None:
+        data = _read_yaml(Path(config_file), "config file")
+    elif preset is not None:
+        names = available_presets()
+        if preset not in names:
+            raise ConfigError(f"unknown preset '{preset}' (available: {', '.join(names) or 'none'})")
+        data = _read_yaml(PRESET_DIR / f"{preset}.yaml", "preset")
+        data.setdefault("preset", preset)
+    else:
+        data = {}
+    # fill every key first, so an override into `rewards.<name>` adds to the file's rewards, not replaces them
+    full = config_to_dict(_build(Config, data))
+    for item in overrides:
+        _apply_override(full, item)
+    return config_from_dict(full)
+
+
+def section_hash(obj: Any) -> str:
+    """Stable 16-hex-char id (sha256 of canonical JSON) of a config section (dataclass) or dict, to key
+    caches such as the toy base network by the config that made it."""
+
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"section_hash: cannot hash {type(o).__name__}")
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,118 @@
+"""``python -m rtdmd.train``: the RTDMD trainer's entry point (API.md §2.1).
+
+With no arguments it runs the toy world (TOY.md): builds the analytic teacher, pretrains (or loads
+the cached) base network, evaluates the ``teacher`` floor and ``base_4step`` rows, then the stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+
+from .cli import ArgumentParser, resolve_device, run_cli
+from .config import Config, ConfigError, load_config
+from .run import RunFolder
+
+log = logging.getLogger("rtdmd.train")
+
+STAGES = ("ac_dmd", "rtdmd", "all")
+BUILT_STAGES: tuple[str, ...] = ()  # the stages whose trainers exist; the CLI says so for the others
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="python -m rtdmd.train", description="RTDMD: AC-DMD distillation, then reward tilting.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="a packaged preset (default: toy)")
+    src.add_argument("--config", default=None, metavar="FILE.yaml", help="a full config file, like a preset")
+    p.add_argument("--stage", choices=STAGES, default="all", help="which stage(s) to run (default: all)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/<preset>-<time>/)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="a run folder whose stage 1 finished (for --stage rtdmd)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set stage1.steps=500 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def resolve(args) -> tuple[Config, RunFolder]:
+    """The config and run folder from the arguments; every user error is a ConfigError (exit 2)."""
+    overrides = list(args.overrides)
+    if args.device is not None:
+        overrides.append(f"device={args.device}")
+    if args.seed is not None:
+        if args.seed < 0:
+            raise ConfigError("--seed must be >= 0")
+        overrides.append(f"seed={args.seed}")
+    if args.stage == "rtdmd" and args.init is None and args.resume is None:
+        raise ConfigError("--stage rtdmd needs --init DIR (a run folder whose stage 1 finished)")
+    if args.init is not None:
+        RunFolder.open(args.init, "--init")
+    if args.resume is not None:
+        if args.preset or args.config or args.out:
+            raise ConfigError("--resume DIR continues the run in DIR with its own config: drop --preset/--config/--out")
+        run = RunFolder.open(args.resume)
+        cfg = run.load_config(overrides)
+        return cfg, run
+    cfg = load_config(preset=args.preset or "toy", config_file=args.config, overrides=overrides)
+    return cfg, RunFolder.create(args.out, cfg)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, run = resolve(args)
+    device = resolve_device(cfg.device)
+    if cfg.model.kind != "toy":
+        raise ConfigError(f"config key 'model.kind': {cfg.model.kind!r} backbones are not built yet (only 'toy')")
+    if cfg.distributed.strategy != "none":
+        raise ConfigError("config key 'distributed.strategy': data-parallel training is not built yet (use 'none')")
+    log.info("run folder: %s (device %s)", run.path, device)
+    toy_main(cfg, run, device, args.stage)
+    return 0
+
+
+def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> None:
+    """The toy world: base, teacher and base_4step rows, then the stages that exist."""
+    from .evaluate import ToyEvaluator, format_table, generate_samples
+    from .models.toy import build_world, pretrain_base
+    from .plot import plot_toy_rows
+
+    start = time.perf_counter()
+    world = build_world(cfg)
+    base, info = pretrain_base(world, cfg, device=device, log_fn=run.log, progress=cfg.log.progress)
+    seconds = {"base_pretraining": round(info["seconds"], 2)}
+    log.info("base network: %s (%s)", "loaded from cache" if info["cached"] else "pretrained", info["path"])
+
+    t = cfg.toy
+    evaluator = ToyEvaluator(world, n_eval=t.n_eval, beta=t.beta, beta_max=t.beta_max, beta_step=t.beta_step,
+                             seed=cfg.seed)
+    done = run.summary().get("eval", {})
+    rows, pictures = {}, {"teacher": evaluator.tilted_samples(0.0, "eval/teacher_b")}
+    if "teacher" not in done:
+        rows["teacher"] = evaluator.teacher_row()
+    base_samples = generate_samples(base, evaluator, cfg, device)
+    pictures["base_4step"] = base_samples
+    if "base_4step" not in done:
+        rows["base_4step"] = evaluator.row(base_samples)
+    for name, row in rows.items():
+        run.log({"stage": "eval", "step": 0, "row": name, **row})
+    seconds["eval"] = round(time.perf_counter() - start - info["seconds"], 2)
+    summary = run.update_summary(preset=cfg.preset, rows=rows, seconds=seconds)
+
+    wanted = ["ac_dmd", "rtdmd"] if stage == "all" else [stage]
+    missing = [s for s in wanted if s not in BUILT_STAGES]
+    if missing:
+        log.info("stage(s) %s not built yet: summary.json holds the teacher and base_4step rows only",
+                 ", ".join(missing))
+    plot_toy_rows(world, evaluator.prompt_idx, pictures, run.path / "samples.png")
+    print(format_table(summary["eval"]))
+    print(f"run folder: {run.path}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("python -m rtdmd.train", main))
+

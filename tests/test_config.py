@@ -1,0 +1,188 @@
+"""The trainer config (API.md §2.1): presets, --config files, --set overrides, validation, hashing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rtdmd.config import (
+    Config,
+    ConfigError,
+    RewardConfig,
+    available_presets,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+    section_hash,
+)
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    """Dotted key -> value for every leaf of a nested dict."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _error(**kwargs) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(**kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_toy_preset_matches_defaults_and_writes_every_key():
+    assert "toy" in available_presets()
+    cfg = load_config()
+    assert cfg == Config()  # the toy preset only writes the dataclass defaults out
+    raw = yaml.safe_load((Path(__file__).parents[1] / "rtdmd" / "configs" / "toy.yaml").read_text())
+    assert set(_leaves(raw)) == set(_leaves(config_to_dict(Config())))
+    assert cfg.toy.latent_shape == [4, 8, 8] and cfg.schedule.denoising_steps == [1000, 750, 500, 250]
+    assert cfg.rewards["linear"].backprop and not cfg.rewards["binary"].backprop
+    assert isinstance(cfg.toy.base_lr, float) and cfg.toy.base_lr == 1e-3
+    assert load_config(preset=None) == Config()
+
+
+def test_round_trip_every_key(tmp_path):
+    # change every leaf so a key that fails to round-trip cannot hide behind its default
+    cfg = load_config(overrides=[
+        "preset=mine", "seed=7", "device=cpu", "model.kind=sd3", "model.path=/m", "model.num_layers=3",
+        "model.num_heads=4", "model.head_dim=16", "model.prompt_tokens=2", "model.text_dim=8", "model.pooled_dim=8",
+        "model.lora_rank=4", "model.lora_alpha=8", "toy.num_prompts=2", "toy.num_components=2",
+        "toy.latent_shape=[2,4,6]", "toy.data_seed=1", "toy.min_weight=0.2", "toy.std_range=[0.1,0.2]",
+        "toy.teacher_guidance=2.5", "toy.n_eval=16", "toy.beta=0.5", "toy.beta_max=2", "toy.beta_step=0.25",
+        "toy.base_steps=3", "toy.base_batch_size=8", "toy.base_lr=1e-4", "toy.base_cfg_dropout=0",
+        "toy.base_cache=false", "schedule.denoising_steps=[1000,500]", "schedule.shift=1.5", "schedule.eta=0",
+        "rewards.linear.weight=0.5", "rewards.linear.path=/r", "rewards.linear.backprop=false",
+        "rewards.binary.backprop=true", "rewards.binary.weight=-1", "rewards.binary.path=/b",
+        "stage1.steps=1", "stage2.steps=2", "eval.batch_size=3", "log.interval=5", "log.progress=false",
+        "distributed.strategy=fsdp",
+    ])
+    changed = _leaves(config_to_dict(cfg))
+    defaults = _leaves(config_to_dict(Config()))
+    assert [k for k in defaults if changed[k] == defaults[k]] == []
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+    again = load_config(preset="toy", config_file=path)  # the file wins over the preset
+    assert again == cfg and config_to_dict(again) == config_to_dict(cfg)
+    assert all(type(a) is type(b) for a, b in zip(_leaves(config_to_dict(again)).values(), changed.values(),
+                                                   strict=True))
+
+
+def test_config_file_partial_takes_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 3\ntoy:\n  n_eval: 8\n  base_lr: 1e-3\nrewards:\n  only:\n    weight: 2\n")
+    cfg = load_config(config_file=f, overrides=["rewards.extra.backprop=true"])
+    assert cfg.seed == 3 and cfg.toy.n_eval == 8 and cfg.toy.beta == 1.0 and cfg.toy.base_lr == 1e-3
+    assert cfg.rewards == {"only": RewardConfig(weight=2.0), "extra": RewardConfig(backprop=True)}
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(config_file=tmp_path / "empty.yaml") == Config()
+
+
+@pytest.mark.parametrize("item, key, value", [
+    ("toy.n_eval=64", "toy.n_eval", 64),
+    ("toy.base_lr=1e-3", "toy.base_lr", 1e-3),  # YAML 1.1 reads 1e-3 as a str
+    ("toy.base_lr=2.5E-4", "toy.base_lr", 2.5e-4),
+    ("toy.beta=2", "toy.beta", 2.0),  # int accepted for a float field, converted
+    ("toy.base_cache=false", "toy.base_cache", False),
+    ("log.progress=true", "log.progress", True),
+    ("toy.latent_shape=[2, 4, 4]", "toy.latent_shape", [2, 4, 4]),
+    ("toy.std_range=[1, 2]", "toy.std_range", [1.0, 2.0]),
+    ("rewards.linear.path=null", "rewards.linear.path", None),
+    ("model.path=/weights/sd3", "model.path", "/weights/sd3"),
+    ("model.path=123", "model.path", "123"),  # a str field keeps the text
+    ("device=cuda", "device", "cuda"),
+    ("distributed.strategy=ddp", "distributed.strategy", "ddp"),
+    (" seed = 5 ", "seed", 5),
+])
+def test_override_types(item, key, value):
+    got = _leaves(config_to_dict(load_config(overrides=[item])))[key]
+    assert got == value and type(got) is type(value)
+    if isinstance(value, list):
+        assert [type(x) for x in got] == [type(x) for x in value]
+
+
+def test_overrides_apply_in_order_and_new_reward():
+    cfg = load_config(overrides=["seed=1", "seed=2", "rewards.clip.weight=0.5"])
+    assert cfg.seed == 2
+    assert cfg.rewards["clip"] == RewardConfig(weight=0.5, backprop=False, path=None)
+    assert set(cfg.rewards) == {"linear", "binary", "clip"}
+
+
+@pytest.mark.parametrize("item, expect", [
+    ("foo=1", "unknown config key 'foo'"),
+    ("toy.foo=1", "unknown config key 'toy.foo'"),
+    ("rewards.linear.foo=1", "unknown config key 'rewards.linear.foo'"),
+    ("rewards.new.foo=1", "unknown config key 'rewards.new.foo'"),
+    ("model.path.sub=1", "unknown config key 'model.path.sub'"),
+    ("toy.n_eval=abc", "config key 'toy.n_eval' must be an int, got 'abc' (str)"),
+    ("toy.n_eval=true", "config key 'toy.n_eval' must be an int, got True (bool)"),
+    ("toy.n_eval=2.0", "config key 'toy.n_eval' must be an int, got 2.0 (float)"),
+    ("toy.beta=true", "config key 'toy.beta' must be a float"),
+    ("toy.base_cache=1", "config key 'toy.base_cache' must be a bool"),
+    ("toy.latent_shape=[4, 8]", "config key 'toy.latent_shape' must be 3 positive ints"),
+    ("toy.latent_shape=[4, 8, 0]", "config key 'toy.latent_shape' must be 3 positive ints"),
+    ("toy.latent_shape=[4, 8.0, 8]", "config key 'toy.latent_shape[1]' must be an int"),
+    ("toy.latent_shape=4", "config key 'toy.latent_shape' must be a list"),
+    ("toy.latent_shape=[4, 7, 7]", "config key 'toy.latent_shape' must have height and width divisible"),
+    ("toy.std_range=[0.6, 0.3]", "config key 'toy.std_range' must be 2 floats"),
+    ("schedule.eta=1.5", "config key 'schedule.eta' must be in [0, 1], got 1.5"),
+    ("schedule.shift=0", "config key 'schedule.shift' must be > 0, got 0"),
+    ("seed=-1", "config key 'seed' must be >= 0, got -1"),
+    ("toy.n_eval=1", "config key 'toy.n_eval' must be >= 2, got 1"),
+    ("toy.base_lr=nan", "config key 'toy.base_lr' must be a finite float"),
+    ("toy.min_weight=0.5", "config key 'toy.min_weight' must be <="),
+    ("toy.beta_step=5", "config key 'toy.beta_step' must be <= toy.beta_max"),
+    ("schedule.denoising_steps=[1000, 1000]", "config key 'schedule.denoising_steps' must be"),
+    ("schedule.denoising_steps=[1001, 500]", "config key 'schedule.denoising_steps' must be"),
+    ("schedule.denoising_steps=[]", "config key 'schedule.denoising_steps' must be"),
+    ("device=tpu", "config key 'device' must be one of 'auto', 'cpu', 'cuda', got 'tpu' (str)"),
+    ("model.kind=sd4", "config key 'model.kind' must be one of"),
+    ("distributed.strategy=true", "config key 'distributed.strategy' must be one of"),
+    ("toy=3", "config key 'toy' must be a mapping"),
+    ("seed", "config override 'seed' must look like key.sub=value"),
+    ("toy.n_eval=[1,", "config key 'toy.n_eval'"),
+])
+def test_override_errors(item, expect):
+    assert _error(overrides=[item]).startswith(expect)
+
+
+def test_file_errors(tmp_path):
+    msg = _error(preset="nope")
+    assert "unknown preset 'nope'" in msg and "toy" in msg
+    missing = tmp_path / "missing.yaml"
+    assert str(missing) in _error(config_file=missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("toy: [1, 2\nseed: 3\n")
+    assert "invalid YAML" in (msg := _error(config_file=bad)) and str(bad) in msg
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    assert "list.yaml" in _error(config_file=tmp_path / "list.yaml")
+    (tmp_path / "unk.yaml").write_text("toy:\n  n_eval: 8\n  foo: 1\n")
+    assert _error(config_file=tmp_path / "unk.yaml") == "unknown config key 'toy.foo'"
+    (tmp_path / "rew.yaml").write_text("rewards:\n  linear:\n    weights: 1\n")
+    assert _error(config_file=tmp_path / "rew.yaml").startswith("unknown config key 'rewards.linear.weights'")
+    with pytest.raises(ConfigError, match="'toy.n_eval'"):
+        config_from_dict({"toy": {"n_eval": "8"}})
+
+
+def test_section_hash():
+    cfg = Config()
+    h = section_hash(cfg.toy)
+    assert len(h) == 16 and int(h, 16) >= 0
+    assert h == section_hash(Config().toy) == section_hash(config_to_dict(Config())["toy"])
+    assert section_hash({"b": 1, "a": 2}) == section_hash({"a": 2, "b": 1})  # key order does not matter
+    assert section_hash(dataclasses.replace(cfg.toy, n_eval=4)) != h
+    assert section_hash(dataclasses.replace(cfg.toy, latent_shape=[4, 8, 6])) != h
+    assert section_hash({"toy": cfg.toy, "model": cfg.model}) == section_hash({"model": cfg.model, "toy": cfg.toy})
+    assert section_hash(cfg) != section_hash(dataclasses.replace(cfg, seed=1))
