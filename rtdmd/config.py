@@ -54,6 +54,10 @@ def _check_std_range(v: list[float]) -> str | None:
     return None if len(v) == 2 and 0 < v[0] <= v[1] else "must be 2 floats [lo, hi] with 0 < lo <= hi"
 
 
+def _check_betas(v: list[float]) -> str | None:
+    return None if len(v) == 2 and all(0 <= x < 1 for x in v) else "must be 2 floats in [0, 1)"
+
+
 def _check_steps(v: list[int]) -> str | None:
     ok = len(v) >= 1 and all(0 < x <= 1000 for x in v) and all(a > b for a, b in zip(v[:-1], v[1:], strict=True))
     return None if ok else "must be a non-empty, strictly decreasing list of ints in (0, 1000]"
@@ -114,7 +118,31 @@ def _default_rewards() -> dict[str, RewardConfig]:
 
 @dataclass
 class Stage1Config:
-    steps: int = field(default=2000, metadata=_rng(0))
+    """AC-DMD cold start (SPEC §4.4, §12.1). Faithful defaults; the toy preset tunes rates and sizes."""
+
+    steps: int = field(default=2000, metadata=_rng(0))  # fake-score updates (the reference's steps)
+    batch_size: int = field(default=64, metadata=_rng(1))
+    fake_update_ratio: int = field(default=10, metadata=_rng(1))  # generator update every N-th step (TTUR)
+    generator_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))
+    fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"check": _check_betas})
+    adam_eps: float = field(default=1e-8, metadata=_rng(0, lo_ex=True))
+    weight_decay: float = field(default=0.0, metadata=_rng(0))
+    grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))
+    ema_decay: float = field(default=0.99, metadata=_rng(0, 1))  # model EMA, every step
+    ema_dtype: Literal["param", "float32"] = "param"  # SPEC §13.18: the reference keeps the EMA in param dtype
+    random_stop: bool = True  # stop index ~ U{1..K}; false = always unroll all K steps
+    chain_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # SPEC §13.4: the reference's cold-start chain is bf16
+    renoise_offset: int = field(default=10, metadata=_rng(0))  # t_r ~ U[1000·σ_s + offset, 1000)
+    renoise_min: int = field(default=20, metadata=_rng(0, 1000))  # clamp of t_r (SPEC §4.1)
+    renoise_max: int = field(default=980, metadata=_rng(0, 1000))
+    fake_weight_max: float = field(default=10.0, metadata=_rng(0, lo_ex=True))  # clamp of 1/σ_ts²
+    consistency: bool = True
+    consistency_weight: float = field(default=0.01, metadata=_rng(0))
+    consistency_epsilon: int = field(default=200, metadata=_rng(1))  # δ ~ U{1..ε} timesteps
+    rollout_checkpoint: bool = True  # rk.checkpointed_rollout: keep only the grad step's input
+    checkpoint_every: int = field(default=500, metadata=_rng(1))
+    keep_checkpoints: int = field(default=2, metadata=_rng(1))
 
 
 @dataclass
@@ -294,6 +322,9 @@ def validate(cfg: Config) -> None:
     if t.beta_step > t.beta_max:
         raise ConfigError(f"config key 'toy.beta_step' must be <= toy.beta_max = {_fmt(t.beta_max)}, "
                           f"got {_fmt(t.beta_step)}")
+    if cfg.stage1.renoise_min > cfg.stage1.renoise_max:
+        raise ConfigError(f"config key 'stage1.renoise_min' must be <= stage1.renoise_max = "
+                          f"{cfg.stage1.renoise_max}, got {cfg.stage1.renoise_min}")
     if m.kind == "toy" and any(s % TOY_PATCH_SIZE for s in t.latent_shape[1:]):
         raise ConfigError(f"config key 'toy.latent_shape' must have height and width divisible by the toy "
                           f"network's patch size {TOY_PATCH_SIZE}, got {t.latent_shape}")

@@ -19,7 +19,7 @@ from .run import RunFolder
 log = logging.getLogger("rtdmd.train")
 
 STAGES = ("ac_dmd", "rtdmd", "all")
-BUILT_STAGES: tuple[str, ...] = ()  # the stages whose trainers exist; the CLI says so for the others
+BUILT_STAGES: tuple[str, ...] = ("ac_dmd",)  # the stages whose trainers exist; the CLI says so for the others
 
 
 def parse_args(argv=None):
@@ -98,12 +98,17 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
     pictures["base_4step"] = base_samples
     if "base_4step" not in done:
         rows["base_4step"] = evaluator.row(base_samples)
-    for name, row in rows.items():
-        run.log({"stage": "eval", "step": 0, "row": name, **row})
     seconds["eval"] = round(time.perf_counter() - start - info["seconds"], 2)
+    log_rows(run, rows)
     summary = run.update_summary(preset=cfg.preset, rows=rows, seconds=seconds)
 
     wanted = ["ac_dmd", "rtdmd"] if stage == "all" else [stage]
+    if "ac_dmd" in wanted:
+        state = run_stage1(cfg, run, device, world, base)
+        pictures["ac_dmd"] = generate_samples(state.ema.module, evaluator, cfg, device)
+        rows = {} if "ac_dmd" in done and not state.trained_now else {"ac_dmd": evaluator.row(pictures["ac_dmd"])}
+        log_rows(run, rows)
+        summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={"ac_dmd": round(state.seconds, 2)})
     missing = [s for s in wanted if s not in BUILT_STAGES]
     if missing:
         log.info("stage(s) %s not built yet: summary.json holds the teacher and base_4step rows only",
@@ -111,6 +116,32 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
     plot_toy_rows(world, evaluator.prompt_idx, pictures, run.path / "samples.png")
     print(format_table(summary["eval"]))
     print(f"run folder: {run.path}")
+
+
+def log_rows(run: RunFolder, rows: dict[str, dict]) -> None:
+    for name, row in rows.items():
+        run.log({"stage": "eval", "step": 0, "row": name, **row})
+
+
+def run_stage1(cfg: Config, run: RunFolder, device: torch.device, world, base):
+    """Stage 1 from the base network, or continued from the run's newest stage-1 checkpoint."""
+    from . import checkpoint as ck
+    from .models.toy import ExactTeacher, build_network
+    from .stages.ac_dmd import Stage1, init_state
+
+    state = init_state(base, cfg, lambda: build_network(world, cfg.model).to(device))
+    latest = ck.latest_checkpoint(run.path, stage=1)
+    if latest is not None:
+        state.load(latest)
+        log.info("stage 1: resuming from %s", latest.name)
+    state.trained_now = state.step < cfg.stage1.steps or latest is None
+    if state.trained_now:
+        teacher = ExactTeacher(world).to(device)
+        Stage1(state, teacher, world.prompts(), cfg, device).run(log_fn=run.log, run_dir=run.path,
+                                                                 progress=cfg.log.progress)
+        if cfg.stage1.steps == 0:
+            state.save(run.path, cfg.stage1.keep_checkpoints)  # stage 2 starts from a checkpoint, even an untrained one
+    return state
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from rtdmd.evaluate import ROW_KEYS
 
 # Small but real: every part runs, in seconds.
 FAST = ["--set", "toy.n_eval=64", "--set", "toy.base_steps=30", "--set", "toy.base_batch_size=32",
-        "--set", "log.interval=10", "--set", "log.progress=false"]
+        "--set", "log.interval=10", "--set", "log.progress=false", "--set", "stage1.steps=4",
+        "--set", "stage1.batch_size=8", "--set", "stage1.fake_update_ratio=2", "--set", "stage1.checkpoint_every=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -51,14 +52,17 @@ def test_train_writes_the_run_folder(finished_run):
     assert (run / "config.yaml").is_file() and (run / "samples.png").stat().st_size > 10_000
     summary = json.loads((run / "summary.json").read_text())
     assert summary["preset"] == "toy"
-    assert set(summary["eval"]) == {"teacher", "base_4step"}  # no rows for stages that did not run
+    assert set(summary["eval"]) == {"teacher", "base_4step", "ac_dmd"}  # no row for stage 2: not built yet
+    assert summary["seconds"]["ac_dmd"] > 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["stage1-step-2", "stage1-step-4"]
     for row in summary["eval"].values():
         assert set(ROW_KEYS) <= set(row) and all(np.isfinite(list(row.values())))
     # the base at 30 steps is far from the teacher: its distance is above the floor
     assert summary["eval"]["base_4step"]["fd_teacher"] > summary["eval"]["teacher"]["fd_teacher"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("stage" in x and "step" in x for x in lines)
-    assert {x["stage"] for x in lines} == {"base", "eval"}
+    assert {x["stage"] for x in lines} == {"base", "eval", "ac_dmd"}
+    assert [x["step"] for x in lines if x["stage"] == "ac_dmd"] == [0, 3]
 
 
 def test_resume_keeps_rows_and_base_is_cached(finished_run, capsys):
@@ -85,6 +89,7 @@ def test_sample_cli(finished_run, tmp_path):
     assert rc == 0
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["samples"].shape == (8, 4, 8, 8) and list(data["prompts"]) == ["toy prompt 2"] * 8
+    assert np.isfinite(data["samples"]).all()
     assert (tmp_path / "s" / "samples.png").is_file()
 
 

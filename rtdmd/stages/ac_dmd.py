@@ -1,0 +1,182 @@
+"""Stage 1: AC-DMD cold-start distillation (SPEC §4.4).
+
+Per step: the fake score is updated on a fresh no-grad generator unroll (random stop index, §2.2);
+every ``fake_update_ratio``-th step the generator is updated on an independent unroll whose last
+executed step carries gradient (``rk.checkpointed_rollout``, ``grad_steps=1``) through the AC-DMD loss
+(``rk.ac_dmd_loss``); the model EMA follows every step. The step's randomness comes from the RNG
+contract (stream ``stage1``), so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+import rtdmd_kernels as rk
+
+from .. import checkpoint as ck
+from .. import rng
+from ..models.base import Backbone
+from ..sampler import sample
+from ..schedule import sd3_sigmas, sigma_tensor
+from .common import (
+    ModelEMA,
+    chain_round,
+    draw_subinterval,
+    fake_score_objective,
+    generator_ac_dmd_loss,
+    make_adamw,
+    optimizer_step,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = 1
+STREAM = "stage1"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Stage1State:
+    """The trained models of stage 1 and where the loop stands."""
+
+    generator: Backbone
+    fake: Backbone
+    ema: ModelEMA
+    gen_opt: torch.optim.Optimizer
+    fake_opt: torch.optim.Optimizer
+    step: int = 0
+    seconds: float = 0.0
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # of the latest generator update
+    trained_now: bool = False  # whether this invocation trained (else a finished run was loaded)
+
+    def save(self, run_dir, keep: int) -> None:
+        ck.save_checkpoint(
+            run_dir / "checkpoints" / ck.checkpoint_name(STAGE, self.step),
+            modules={"generator": self.generator.state_dict(), "generator_ema": self.ema.state_dict(),
+                     "fake_score": self.fake.state_dict()},
+            optimizers={"generator": self.gen_opt.state_dict(), "fake_score": self.fake_opt.state_dict()},
+            state={"stage": STAGE, "step": self.step, "seconds": self.seconds,
+                   "last_generator_stats": {k: float(v) for k, v in self.stats.items()}},
+        )
+        ck.prune_checkpoints(run_dir, keep)
+
+    def load(self, path) -> None:
+        c = ck.load_checkpoint(path)
+        self.generator.load_state_dict(c.modules["generator"])
+        self.fake.load_state_dict(c.modules["fake_score"])
+        self.ema.load_state_dict(c.modules["generator_ema"])
+        self.gen_opt.load_state_dict(c.optimizers["generator"])
+        self.fake_opt.load_state_dict(c.optimizers["fake_score"])
+        self.step, self.seconds = int(c.state["step"]), float(c.state.get("seconds", 0.0))
+        self.stats = {k: torch.tensor(v) for k, v in c.state.get("last_generator_stats", {}).items()}
+
+
+def init_state(base: Backbone, cfg, build_copy: Callable[[], Backbone]) -> Stage1State:
+    """Generator and fake score both start from the base network (SPEC §12.1), full parameters."""
+    s1 = cfg.stage1
+    generator, fake = build_copy(), build_copy()
+    generator.load_state_dict(base.state_dict())
+    fake.load_state_dict(base.state_dict())
+    generator.train()
+    fake.train()
+    return Stage1State(generator=generator, fake=fake, ema=ModelEMA(generator, s1.ema_decay, s1.ema_dtype),
+                       gen_opt=make_adamw(generator.parameters(), s1.generator_lr, s1),
+                       fake_opt=make_adamw(fake.parameters(), s1.fake_lr, s1))
+
+
+class Stage1:
+    """One AC-DMD training run over prompts ``prompts`` against ``teacher``."""
+
+    def __init__(self, state: Stage1State, teacher: Backbone, prompts: list[str], cfg, device: torch.device):
+        self.s = state
+        self.teacher = teacher
+        self.cfg = cfg
+        self.s1 = cfg.stage1
+        self.device = device
+        self.sigmas = sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift)
+        self.num_steps = len(self.sigmas) - 1
+        self.eta = cfg.schedule.eta
+        self.chain = DTYPES[self.s1.chain_dtype]
+        self.guidance = cfg.toy.teacher_guidance if cfg.model.kind == "toy" else 1.0
+        b = self.s1.batch_size
+        self.indices = list(range(b))
+        # Balanced prompts: sample i of every step conditions on prompt i mod P.
+        self.prompts = [prompts[i % len(prompts)] for i in range(b)]
+        self.cond = teacher.encode(self.prompts)
+        self.gen_cond = state.generator.encode(self.prompts)
+        self.uncond = teacher.encode([""] * b) if self.guidance != 1.0 else None
+
+    # ------------------------------------------------------------------ pieces of one step
+    def _stop(self, name: str, step: int) -> int:
+        return rng.integers(self.cfg.seed, f"{STREAM}/{name}_stop", step, 1, self.num_steps + 1) \
+            if self.s1.random_stop else self.num_steps
+
+    def _unroll_inputs(self, name: str, step: int, stop: int):
+        x_t = rng.normal(self.cfg.seed, f"{STREAM}/{name}/x_T", step, self.indices, self.s.generator.latent_shape,
+                         device=self.device).to(self.chain)
+        noises = torch.stack([rng.normal(self.cfg.seed, f"{STREAM}/{name}/xi{j}", step, self.indices,
+                                         self.s.generator.latent_shape, device=self.device) for j in range(stop)])
+        sigmas = sigma_tensor(self.sigmas[: stop + 1], self.device)
+        sigma_s = chain_round(torch.full((len(self.indices),), self.sigmas[stop], device=self.device), self.chain)
+        return x_t, noises, sigmas, sigma_s
+
+    def fake_update(self, step: int) -> dict[str, torch.Tensor]:
+        stop = self._stop("fake", step)
+        x_t, noises, sigmas, sigma_s = self._unroll_inputs("fake", step, stop)
+        x_s = sample(self.s.generator.velocity_fn(self.gen_cond), x_t, sigmas, eta=self.eta, noises=noises)
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", step, self.indices, sigma_s,
+                               self.s.generator.latent_shape, self.s1, device=self.device,
+                               consistency=self.s1.consistency)
+        loss, stats = fake_score_objective(self.s.fake, x_s, sigma_s, self.gen_cond, sub, self.s1, eta=self.eta)
+        loss.backward()
+        stats["fake_grad_norm"] = optimizer_step(self.s.fake, self.s.fake_opt, self.s1.grad_clip)
+        return stats
+
+    def generator_update(self, step: int) -> dict[str, torch.Tensor]:
+        stop = self._stop("gen", step)
+        x_t, noises, sigmas, sigma_s = self._unroll_inputs("gen", step, stop)
+        x_s = rk.checkpointed_rollout(self.s.generator.velocity_fn(self.gen_cond), x_t, sigmas, eta=self.eta,
+                                      noises=noises, grad_steps=1, checkpoint=self.s1.rollout_checkpoint)
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/gen", step, self.indices, sigma_s,
+                               self.s.generator.latent_shape, self.s1, device=self.device, consistency=False)
+        loss, stats = generator_ac_dmd_loss(x_s, sigma_s, self.cond, self.uncond, self.teacher, self.s.fake, sub,
+                                            guidance=self.guidance, eta=self.eta)
+        loss.backward()  # teacher and fake ran under no_grad: only the generator gets gradient
+        stats["gen_grad_norm"] = optimizer_step(self.s.generator, self.s.gen_opt, self.s1.grad_clip)
+        return stats
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        stats = self.fake_update(step)
+        if (step + 1) % self.s1.fake_update_ratio == 0:
+            stats.update(self.generator_update(step))
+        self.s.ema.update(self.s.generator)
+        return stats
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, *, log_fn: Callable[[dict], None] | None = None, run_dir=None, progress: bool = False,
+            stop_at: int | None = None) -> Stage1State:
+        """Train from ``state.step`` to ``stage1.steps`` (or ``stop_at``), logging every ``log.interval`` steps
+        and checkpointing every ``checkpoint_every`` steps and at the end when ``run_dir`` is given."""
+        end = self.s1.steps if stop_at is None else min(stop_at, self.s1.steps)
+        interval = self.cfg.log.interval
+        bar = tqdm(range(self.s.step, end), desc="stage 1 (AC-DMD)", disable=None if progress else True,
+                   leave=False, initial=self.s.step, total=end)
+        t0 = time.perf_counter() - self.s.seconds
+        for step in bar:
+            stats = self.step(step)
+            if "gen_loss" in stats:  # the latest generator update's numbers ride along in every log line
+                self.s.stats = {k: v for k, v in stats.items() if k.startswith(("gen", "dmd"))}
+            self.s.step = step + 1
+            self.s.seconds = time.perf_counter() - t0
+            if log_fn is not None and (step % interval == 0 or step + 1 == end):
+                record = {k: float(v) for k, v in {**self.s.stats, **stats}.items()}  # the only host syncs
+                log_fn({"stage": "ac_dmd", "step": step, **record, "seconds": round(self.s.seconds, 2)})
+            if run_dir is not None and (self.s.step % self.s1.checkpoint_every == 0 or self.s.step == end):
+                self.s.save(run_dir, self.s1.keep_checkpoints)
+        return self.s

@@ -1,0 +1,161 @@
+"""What both stages share: the AC-DMD sub-interval draws (SPEC §4.1), the fake-score objective (§4.2),
+the generator's AC-DMD loss (§4.3), model EMA and optimizer steps. Every loss goes through
+``rtdmd_kernels``; nothing here calls ``.item()``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import rtdmd_kernels as rk
+
+from .. import rng
+from ..models.base import Backbone, Cond
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def chain_round(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """σ as the reference's chain stores it: rounded through ``dtype`` (bf16: 0.9 -> 0.8984375), kept in fp32."""
+    return sigma.to(dtype).float()
+
+
+@dataclass
+class SubInterval:
+    """Per-sample draws of one AC-DMD sub-interval (SPEC §4.1-§4.2): renoise timestep ``t_r`` (int),
+    ``sigma_t = t_r/1000`` (fp32, what the model sees), the renoise noise ``xi_r``, the shared transition
+    noise ``xi_tr`` of the generator loss, and the consistency target ``sigma_p = max(t_r - δ, 0)/1000``
+    with its two transition noises."""
+
+    t_r: torch.Tensor
+    sigma_t: torch.Tensor
+    xi_r: torch.Tensor
+    xi_tr: torch.Tensor
+    sigma_p: torch.Tensor
+    xi_1: torch.Tensor
+    xi_2: torch.Tensor
+
+
+def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], sigma_s: torch.Tensor,
+                     latent_shape: Sequence[int], cfg, *, device: torch.device | str = "cpu",
+                     consistency: bool = True) -> SubInterval:
+    """``t_r ~ U{1000σ_s + offset, ..., max(1000, 1000σ_s + offset + 1) - 1}`` clamped to ``[renoise_min,
+    renoise_max]``, ``δ ~ U{1..consistency_epsilon}``; noises from the per-sample RNG contract."""
+    n = len(indices)
+    lo = torch.round(sigma_s.double().cpu() * NUM_TRAIN_TIMESTEPS) + cfg.renoise_offset
+    hi = torch.clamp(lo + 1, min=NUM_TRAIN_TIMESTEPS)
+    t_r = torch.floor(lo + rng.uniform(seed, f"{stream}/t_r", step, indices) * (hi - lo)).long()
+    t_r = t_r.clamp(cfg.renoise_min, cfg.renoise_max)
+    delta = 1 + torch.floor(rng.uniform(seed, f"{stream}/delta", step, indices) * cfg.consistency_epsilon).long()
+    t_p = torch.clamp(t_r - delta, min=0)
+
+    def noise(name):
+        return rng.normal(seed, f"{stream}/{name}", step, indices, latent_shape, device=device)
+
+    empty = torch.empty(0)
+    return SubInterval(
+        t_r=t_r.to(device), sigma_t=(t_r.float() / NUM_TRAIN_TIMESTEPS).to(device), xi_r=noise("xi_r"),
+        xi_tr=noise("xi_tr"), sigma_p=(t_p.float() / NUM_TRAIN_TIMESTEPS).to(device),
+        xi_1=noise("xi_1") if consistency else empty, xi_2=noise("xi_2") if consistency else empty,
+    ) if n else SubInterval(*(empty,) * 7)
+
+
+def fake_score_objective(fake: Backbone, x_s: torch.Tensor, sigma_s: torch.Tensor, cond: Cond, sub: SubInterval,
+                         cfg, *, eta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_fake = L_ac + γ·L_cons`` (SPEC §4.2) for generator samples ``x_s`` at level ``sigma_s`` (detached).
+
+    ``x_t' = renoise(x_s)`` at ``σ_t``; the fake score regresses the conditional velocity of the ambient
+    distribution (``rk.fake_score_loss``, shipped ``move_scale_out`` form with the clamped weight); the
+    consistency term makes two no-grad CPS transitions with ``sg(v̂)`` to ``σ'`` and compares the fake x0
+    predictions there (``rk.consistency_loss``). The chain's σ are rounded through ``x_s``'s dtype as the
+    reference does; the network sees the exact ``t_r/1000``."""
+    x_s = x_s.detach()
+    s_t = chain_round(sub.sigma_t, x_s.dtype)
+    x_t = rk.renoise(x_s, sub.xi_r, sigma_s, s_t)
+    v_hat = fake.velocity(x_t, sub.sigma_t, cond)
+    l_ac = rk.fake_score_loss(v_hat, x_s, sub.xi_r, sigma_s, s_t, weight_max=cfg.fake_weight_max)
+    stats = {"fake_ac": l_ac.detach()}
+    loss = l_ac
+    if cfg.consistency and cfg.consistency_weight > 0:
+        s_p = chain_round(sub.sigma_p, x_s.dtype)
+        with torch.no_grad():
+            x1, _ = rk.cps_step(x_t, v_hat.detach(), s_t, s_p, eta=eta, noise=sub.xi_1)
+            x2, _ = rk.cps_step(x_t, v_hat.detach(), s_t, s_p, eta=eta, noise=sub.xi_2)
+        v1 = fake.velocity(x1, sub.sigma_p, cond)
+        v2 = fake.velocity(x2, sub.sigma_p, cond)
+        l_cons = rk.consistency_loss(x_t, v_hat, s_t, x1, v1, x2, v2, s_p)
+        stats["fake_cons"] = l_cons.detach()
+        loss = loss + cfg.consistency_weight * l_cons
+    stats["fake_loss"] = loss.detach()
+    return loss, stats
+
+
+def generator_ac_dmd_loss(x_s: torch.Tensor, sigma_s: torch.Tensor, cond: Cond, uncond: Cond | None,
+                          teacher: Backbone, fake: Backbone, sub: SubInterval, *, guidance: float, eta: float
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The generator's AC-DMD loss (SPEC §4.3): renoise ``x_s`` to ``σ_t``, teacher (CFG against ``uncond``
+    when ``guidance != 1``) and fake velocities there, CPS transitions back to ``σ_s`` with one shared noise,
+    and ``dmd_loss(x_s, xs_fake, xs_real)`` — fused in ``rk.ac_dmd_loss``. Gradient reaches ``x_s`` only."""
+    s_t = chain_round(sub.sigma_t, x_s.dtype)
+    with torch.no_grad():
+        x_t = rk.renoise(x_s.detach(), sub.xi_r, sigma_s, s_t)
+        v_real = teacher.velocity(x_t, sub.sigma_t, cond)
+        v_uncond = teacher.velocity(x_t, sub.sigma_t, uncond) if guidance != 1.0 else None
+        v_fake = fake.velocity(x_t, sub.sigma_t, cond)
+    loss, stats = rk.ac_dmd_loss(x_s, x_t, v_real, v_fake, sub.xi_tr, sigma_s, s_t, v_real_uncond=v_uncond,
+                                 guidance_scale=guidance, eta=eta, return_stats=True)
+    return loss, {"gen_loss": loss.detach(), "dmd_grad_norm": stats["grad_norm"]}
+
+
+def make_adamw(params, lr: float, cfg) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, clip: float) -> torch.Tensor:
+    """Clip the gradient norm (returned as a tensor: no host sync), step, and clear the gradients."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+class ModelEMA:
+    """Model-level EMA ``θ_ema ← d·θ_ema + (1-d)·θ`` (SPEC §4.4). ``dtype="param"`` keeps the shadow in the
+    parameters' dtype as the reference does (small increments can round away in bf16, SPEC §13.18);
+    ``"float32"`` keeps a float32 shadow and copies it into the module."""
+
+    def __init__(self, model: nn.Module, decay: float, dtype: str = "param"):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.fp32 = dtype == "float32"
+        self._shadow = [p.detach().float().clone() for p in self.module.parameters()] if self.fp32 else None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = zip(self.module.parameters(), model.parameters(), strict=True)
+        if self.fp32:
+            for (p_ema, p), s in zip(pairs, self._shadow, strict=True):
+                s.lerp_(p.detach().float(), 1 - self.decay)
+                p_ema.copy_(s)
+        else:
+            for p_ema, p in pairs:
+                p_ema.lerp_(p.detach(), 1 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.fp32:  # the float32 shadow is the state; the module holds its rounding
+            names = [n for n, _ in self.module.named_parameters()]
+            return {**self.module.state_dict(), **{f"{n}": s for n, s in zip(names, self._shadow, strict=True)}}
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+        if self.fp32:
+            self._shadow = [state[n].float().clone() for n, _ in self.module.named_parameters()]
