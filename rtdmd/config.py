@@ -58,6 +58,10 @@ def _check_betas(v: list[float]) -> str | None:
     return None if len(v) == 2 and all(0 <= x < 1 for x in v) else "must be 2 floats in [0, 1)"
 
 
+def _check_range(v: list[int]) -> str | None:
+    return None if len(v) == 2 and 0 <= v[0] <= v[1] else "must be 2 ints [first, last] with 0 <= first <= last"
+
+
 def _check_steps(v: list[int]) -> str | None:
     ok = len(v) >= 1 and all(0 < x <= 1000 for x in v) and all(a > b for a, b in zip(v[:-1], v[1:], strict=True))
     return None if ok else "must be a non-empty, strictly decreasing list of ints in (0, 1000]"
@@ -147,7 +151,33 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    steps: int = field(default=100, metadata=_rng(0))
+    """RTDMD (SPEC §5-§8, §12.2). The AC-DMD sub-interval and fake-score objective keys are stage1's."""
+
+    steps: int = field(default=100, metadata=_rng(0))  # epochs: one rollout, one fake and one generator step
+    group_size: int = field(default=24, metadata=_rng(2))  # K samples per prompt per epoch
+    prompts_per_epoch: int = field(default=0, metadata=_rng(0))  # 0 = every prompt each epoch
+    num_batches: int = field(default=16, metadata=_rng(1))  # policy sub-batches per epoch (grad accumulation)
+    lr: float = field(default=3e-6, metadata=_rng(0, lo_ex=True))
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"check": _check_betas})
+    adam_eps: float = field(default=1e-8, metadata=_rng(0, lo_ex=True))
+    weight_decay: float = field(default=1e-4, metadata=_rng(0))
+    grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))
+    fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))
+    fake_batch_size: int = field(default=8, metadata=_rng(1))  # chunks of the one fake step per epoch
+    ppo_steps: int = field(default=2, metadata=_rng(0))  # SubGRPO: PPO steps drawn per epoch ...
+    ppo_step_range: list[int] = field(default_factory=lambda: [0, 2], metadata={"check": _check_range})  # ... here
+    ppo_weight: float = field(default=1.0, metadata=_rng(0))
+    clip_range: float = field(default=1e-5, metadata=_rng(0))
+    adv_clip: float = field(default=5.0, metadata=_rng(0, lo_ex=True))
+    aux_weight: float = field(default=0.001, metadata=_rng(0))  # AC-DMD at the final step (distribution matching)
+    bp_scale: float = field(default=1e-4, metadata=_rng(0))  # reward back-propagation: scale·mean relu(margin - R)
+    bp_margin: float = 3.0
+    bp_steps: int = field(default=1, metadata=_rng(1))  # back-propagate through the last k steps (k > 1: ours)
+    ema_decay: float = field(default=0.9, metadata=_rng(0, 1))
+    ema_interval: int = field(default=8, metadata=_rng(1))
+    ema_per_sub_batch: bool = True  # SPEC §13.2: the reference calls the EMA after every sub-batch
+    checkpoint_every: int = field(default=50, metadata=_rng(1))
+    keep_checkpoints: int = field(default=2, metadata=_rng(1))
 
 
 @dataclass
@@ -325,6 +355,16 @@ def validate(cfg: Config) -> None:
     if cfg.stage1.renoise_min > cfg.stage1.renoise_max:
         raise ConfigError(f"config key 'stage1.renoise_min' must be <= stage1.renoise_max = "
                           f"{cfg.stage1.renoise_max}, got {cfg.stage1.renoise_min}")
+    s2, n_steps = cfg.stage2, len(cfg.schedule.denoising_steps)
+    if s2.ppo_step_range[1] >= n_steps - 1 and n_steps > 1:
+        raise ConfigError(f"config key 'stage2.ppo_step_range' must end before the deterministic last step "
+                          f"{n_steps - 1}, got {s2.ppo_step_range}")
+    if s2.ppo_steps > s2.ppo_step_range[1] - s2.ppo_step_range[0] + 1:
+        raise ConfigError(f"config key 'stage2.ppo_steps' must be <= the size of stage2.ppo_step_range "
+                          f"{s2.ppo_step_range}, got {s2.ppo_steps}")
+    if s2.bp_steps > n_steps:
+        raise ConfigError(f"config key 'stage2.bp_steps' must be <= the number of sampler steps {n_steps}, "
+                          f"got {s2.bp_steps}")
     if m.kind == "toy" and any(s % TOY_PATCH_SIZE for s in t.latent_shape[1:]):
         raise ConfigError(f"config key 'toy.latent_shape' must have height and width divisible by the toy "
                           f"network's patch size {TOY_PATCH_SIZE}, got {t.latent_shape}")

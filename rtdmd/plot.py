@@ -2,8 +2,8 @@
 
 Columns: per prompt, the samples projected on the plane of that prompt's component means (where the
 modes separate), coloured by nearest component with the means marked; last, the histogram of the
-linear reward ⟨a_p, x⟩ over all prompts — the reward direction is orthogonal to the means, so the
-tilt shows there.
+linear reward ⟨a_p, x⟩ over all prompts (the reward direction is orthogonal to the means, so the
+tilt shows there), with the row's mean (red) against the first row's (dashed).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def plot_toy_rows(world: ToyWorld, prompt_idx: torch.Tensor, rows: dict[str, tor
     fig, axes = plt.subplots(len(rows), ncols, figsize=(2.6 * ncols, 2.4 * len(rows)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     rewards = {name: world.linear_reward(x.double().cpu(), idx_all) for name, x in rows.items()}
+    first_mean = next(iter(rewards.values())).mean()
     lo = min(float(r.min()) for r in rewards.values())
     hi = max(float(r.max()) for r in rewards.values())
     for r, (name, x) in enumerate(rows.items()):
@@ -58,6 +59,8 @@ def plot_toy_rows(world: ToyWorld, prompt_idx: torch.Tensor, rows: dict[str, tor
                 ax.set_ylabel(name, fontsize=10)
         ax = axes[r][-1]
         ax.hist(rewards[name].numpy(), bins=60, range=(lo, hi), color="tab:gray")
+        ax.axvline(float(rewards[name].mean()), color="tab:red", lw=1.5)  # this row's mean reward ...
+        ax.axvline(float(first_mean), color="k", lw=1, ls="--")  # ... against the first row's (the teacher)
         ax.set_yticks([])
         if r == 0:
             ax.set_title("reward ⟨a_p, x⟩ →", fontsize=9)

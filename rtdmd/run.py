@@ -103,10 +103,12 @@ class RunFolder:
         return {}
 
     def update_summary(self, *, preset: str, rows: dict[str, dict] | None = None,
-                       seconds: dict[str, float] | None = None) -> dict[str, Any]:
+                       seconds: dict[str, float] | None = None, stage: str | None = None) -> dict[str, Any]:
         """Merge evaluation rows and stage times into ``summary.json`` (atomic rewrite)."""
         s = self.summary()
         s["preset"] = preset
+        if stage is not None:
+            s["stage"] = stage  # what --stage the run was started with (what --resume continues)
         s.setdefault("eval", {}).update(rows or {})
         s.setdefault("seconds", {}).update(seconds or {})
         _atomic_write(self.summary_path, json.dumps(_json_safe(s), indent=2) + "\n")

@@ -7,8 +7,10 @@ the cached) base network, evaluates the ``teacher`` floor and ``base_4step`` row
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,7 +21,6 @@ from .run import RunFolder
 log = logging.getLogger("rtdmd.train")
 
 STAGES = ("ac_dmd", "rtdmd", "all")
-BUILT_STAGES: tuple[str, ...] = ("ac_dmd",)  # the stages whose trainers exist; the CLI says so for the others
 
 
 def parse_args(argv=None):
@@ -27,7 +28,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="a packaged preset (default: toy)")
     src.add_argument("--config", default=None, metavar="FILE.yaml", help="a full config file, like a preset")
-    p.add_argument("--stage", choices=STAGES, default="all", help="which stage(s) to run (default: all)")
+    p.add_argument("--stage", choices=STAGES, default=None,
+                   help="which stage(s) to run (default: all; with --resume, what the run was started with)")
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/<preset>-<time>/)")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="a run folder whose stage 1 finished (for --stage rtdmd)")
@@ -51,15 +53,33 @@ def resolve(args) -> tuple[Config, RunFolder]:
     if args.stage == "rtdmd" and args.init is None and args.resume is None:
         raise ConfigError("--stage rtdmd needs --init DIR (a run folder whose stage 1 finished)")
     if args.init is not None:
-        RunFolder.open(args.init, "--init")
+        if args.stage != "rtdmd":
+            raise ConfigError("--init DIR is for --stage rtdmd (stage 2 from DIR's finished stage 1)")
+        init = RunFolder.open(args.init, "--init")
+        if stage1_checkpoint(init) is None:
+            raise ConfigError(f"--init {args.init}: no stage-1 checkpoint in {init.checkpoints}")
     if args.resume is not None:
-        if args.preset or args.config or args.out:
-            raise ConfigError("--resume DIR continues the run in DIR with its own config: drop --preset/--config/--out")
+        if args.preset or args.config or args.out or args.init:
+            raise ConfigError("--resume DIR continues the run in DIR with its own config: "
+                              "drop --preset/--config/--out/--init")
         run = RunFolder.open(args.resume)
         cfg = run.load_config(overrides)
+        args.stage = args.stage or run.summary().get("stage", "all")
         return cfg, run
+    args.stage = args.stage or "all"
     cfg = load_config(preset=args.preset or "toy", config_file=args.config, overrides=overrides)
-    return cfg, RunFolder.create(args.out, cfg)
+    run = RunFolder.create(args.out, cfg)
+    if args.init is not None:  # the run gets its own copy of the stage-1 result: self-contained, resumable
+        src = stage1_checkpoint(RunFolder(args.init))
+        shutil.copytree(src, run.checkpoints / src.name)
+    run.update_summary(preset=cfg.preset, stage=args.stage)
+    return cfg, run
+
+
+def stage1_checkpoint(run: RunFolder) -> Path | None:
+    from .checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run.path, stage=1)
 
 
 def main(argv=None) -> int:
@@ -109,10 +129,12 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
         rows = {} if "ac_dmd" in done and not state.trained_now else {"ac_dmd": evaluator.row(pictures["ac_dmd"])}
         log_rows(run, rows)
         summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={"ac_dmd": round(state.seconds, 2)})
-    missing = [s for s in wanted if s not in BUILT_STAGES]
-    if missing:
-        log.info("stage(s) %s not built yet: summary.json holds the teacher and base_4step rows only",
-                 ", ".join(missing))
+    if "rtdmd" in wanted:
+        state2 = run_stage2(cfg, run, device, world)
+        pictures["rtdmd"] = generate_samples(state2.ema.module, evaluator, cfg, device)
+        rows = {} if "rtdmd" in done and not state2.trained_now else {"rtdmd": evaluator.row(pictures["rtdmd"])}
+        log_rows(run, rows)
+        summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={"rtdmd": round(state2.seconds, 2)})
     plot_toy_rows(world, evaluator.prompt_idx, pictures, run.path / "samples.png")
     print(format_table(summary["eval"]))
     print(f"run folder: {run.path}")
@@ -141,6 +163,30 @@ def run_stage1(cfg: Config, run: RunFolder, device: torch.device, world, base):
                                                                  progress=cfg.log.progress)
         if cfg.stage1.steps == 0:
             state.save(run.path, cfg.stage1.keep_checkpoints)  # stage 2 starts from a checkpoint, even an untrained one
+    return state
+
+
+def run_stage2(cfg: Config, run: RunFolder, device: torch.device, world):
+    """Stage 2 from the run's stage-1 result, or continued from its newest stage-2 checkpoint."""
+    from . import checkpoint as ck
+    from .models.toy import ExactTeacher, build_network
+    from .rewards import build_rewards
+    from .stages.rtdmd import Stage2, init_state
+
+    stage1 = stage1_checkpoint(run)
+    if stage1 is None:
+        raise ConfigError(f"stage 2 needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
+    state = init_state(stage1, cfg, lambda: build_network(world, cfg.model).to(device))
+    latest = ck.latest_checkpoint(run.path, stage=2)
+    if latest is not None:
+        state.load(latest)
+        log.info("stage 2: resuming from %s", latest.name)
+    state.trained_now = state.epoch < cfg.stage2.steps or latest is None
+    if state.trained_now:
+        loop = Stage2(state, ExactTeacher(world).to(device), world.prompts(), build_rewards(cfg, world), cfg, device)
+        loop.run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress)
+        if cfg.stage2.steps == 0:
+            state.save(run.path, cfg.stage2.keep_checkpoints)
     return state
 
 

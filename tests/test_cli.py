@@ -20,7 +20,8 @@ from rtdmd.evaluate import ROW_KEYS
 # Small but real: every part runs, in seconds.
 FAST = ["--set", "toy.n_eval=64", "--set", "toy.base_steps=30", "--set", "toy.base_batch_size=32",
         "--set", "log.interval=10", "--set", "log.progress=false", "--set", "stage1.steps=4",
-        "--set", "stage1.batch_size=8", "--set", "stage1.fake_update_ratio=2", "--set", "stage1.checkpoint_every=2"]
+        "--set", "stage1.batch_size=8", "--set", "stage1.fake_update_ratio=2", "--set", "stage1.checkpoint_every=2",
+        "--set", "stage2.steps=2", "--set", "stage2.group_size=2", "--set", "stage2.num_batches=2"]
 
 
 @pytest.fixture(autouse=True)
@@ -52,16 +53,17 @@ def test_train_writes_the_run_folder(finished_run):
     assert (run / "config.yaml").is_file() and (run / "samples.png").stat().st_size > 10_000
     summary = json.loads((run / "summary.json").read_text())
     assert summary["preset"] == "toy"
-    assert set(summary["eval"]) == {"teacher", "base_4step", "ac_dmd"}  # no row for stage 2: not built yet
-    assert summary["seconds"]["ac_dmd"] > 0
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["stage1-step-2", "stage1-step-4"]
+    assert set(summary["eval"]) == {"teacher", "base_4step", "ac_dmd", "rtdmd"}
+    assert summary["seconds"]["ac_dmd"] > 0 and summary["seconds"]["rtdmd"] > 0 and summary["stage"] == "all"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["stage1-step-2", "stage1-step-4",
+                                                                        "stage2-epoch-2"]
     for row in summary["eval"].values():
         assert set(ROW_KEYS) <= set(row) and all(np.isfinite(list(row.values())))
     # the base at 30 steps is far from the teacher: its distance is above the floor
     assert summary["eval"]["base_4step"]["fd_teacher"] > summary["eval"]["teacher"]["fd_teacher"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("stage" in x and "step" in x for x in lines)
-    assert {x["stage"] for x in lines} == {"base", "eval", "ac_dmd"}
+    assert {x["stage"] for x in lines} == {"base", "eval", "ac_dmd", "rtdmd"}
     assert [x["step"] for x in lines if x["stage"] == "ac_dmd"] == [0, 3]
 
 
@@ -76,6 +78,20 @@ def test_resume_keeps_rows_and_base_is_cached(finished_run, capsys):
     base_lines = [x for x in (finished_run / "metrics.jsonl").read_text().splitlines() if '"base"' in x]
     assert len(base_lines) == 4  # steps 0, 10, 20, 29 of the first run only: the resume loaded the cache
     assert "base_4step" in capsys.readouterr().out
+
+
+def test_stage2_from_init(finished_run, tmp_path):
+    os.environ["RTDMD_CACHE"] = str(finished_run.parent / "cache")
+    try:
+        out = tmp_path / "control"
+        assert train("--stage", "rtdmd", "--init", str(finished_run), "--out", str(out), *FAST,
+                     "--set", "stage2.aux_weight=0") == 0
+    finally:
+        os.environ.pop("RTDMD_CACHE")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["eval"]) == {"teacher", "base_4step", "rtdmd"} and summary["stage"] == "rtdmd"
+    # the run holds its own copy of the stage-1 result it started from
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage1-step-4", "stage2-epoch-2"]
 
 
 def test_sample_cli(finished_run, tmp_path):
@@ -102,6 +118,7 @@ def test_sample_cli(finished_run, tmp_path):
     (["--config", "missing.yaml"], "missing.yaml"),
     (["--stage", "rtdmd"], "--init"),
     (["--stage", "rtdmd", "--init", "no_such_dir"], "no_such_dir"),
+    (["--stage", "ac_dmd", "--init", "."], "--init"),
     (["--resume", "no_such_dir"], "no_such_dir"),
     (["--seed", "-1"], "--seed"),
     (["--stage", "bogus"], "--stage"),

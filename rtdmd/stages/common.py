@@ -137,17 +137,26 @@ class ModelEMA:
         self._shadow = [p.detach().float().clone() for p in self.module.parameters()] if self.fp32 else None
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        w = 1 - (self.decay if decay is None else decay)
         pairs = zip(self.module.parameters(), model.parameters(), strict=True)
         if self.fp32:
             for (p_ema, p), s in zip(pairs, self._shadow, strict=True):
-                s.lerp_(p.detach().float(), 1 - self.decay)
+                s.lerp_(p.detach().float(), w)
                 p_ema.copy_(s)
         else:
             for p_ema, p in pairs:
-                p_ema.lerp_(p.detach(), 1 - self.decay)
+                p_ema.lerp_(p.detach(), w)
         for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
+
+    def step(self, model: nn.Module, global_step: int, interval: int) -> bool:
+        """The stage-2 schedule (SPEC §8): update when ``(global_step + 1) % interval == 0`` with the warm-up
+        decay ``min((1 + s) / (10 + s), decay)``; returns whether it updated."""
+        if (global_step + 1) % interval:
+            return False
+        self.update(model, min((1 + global_step) / (10 + global_step), self.decay))
+        return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.fp32:  # the float32 shadow is the state; the module holds its rounding

@@ -1,0 +1,322 @@
+"""Stage 2: RTDMD — SubGRPO, reward back-propagation and the AC-DMD aux (SPEC §5-§8).
+
+One epoch: pick the PPO steps (SubGRPO, §6); roll out K samples per prompt with fresh noise at the PPO
+steps and prompt-shared noise at the others (§2.3); score the rewards; one fake-score step on all
+final samples (σ_s = 0, §8); group advantages in the reference's weighted mode (``rk.group_advantages``)
+and zero-advantage filtering (§5.3); then ``num_batches`` sub-batches, each running the generator once
+per trained step ``j ∈ ppo_steps ∪ {K-1}``: ``rk.ppo_clip_loss`` at the PPO steps, and at the last step
+the AC-DMD aux (``rk.ac_dmd_loss``, weight ``aux_weight``) and reward back-propagation
+(``bp_scale · mean relu(margin - R)``) sharing that one forward; one AdamW step per epoch.
+With ``bp_steps = k > 1`` the reward is back-propagated through the last k steps by re-running them from
+the stored latent with the stored noises through ``rk.checkpointed_rollout`` (SPEC §7, our extension).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+import rtdmd_kernels as rk
+
+from .. import checkpoint as ck
+from .. import rng
+from ..models.base import Backbone, cond_select
+from ..rewards import RewardMixture
+from ..sampler import rollout
+from ..schedule import sd3_sigmas, sigma_tensor
+from .common import ModelEMA, draw_subinterval, fake_score_objective, generator_ac_dmd_loss, optimizer_step
+
+log = logging.getLogger(__name__)
+
+STAGE = 2
+STREAM = "stage2"
+
+
+def ppo_step_subset(seed: int, epoch: int, step_range: Sequence[int], num: int) -> list[int]:
+    """SubGRPO's step subset of an epoch (SPEC §6): the reference's Python ``Random`` seeded per epoch, so
+    every rank draws the same subset without a collective."""
+    lo, hi = step_range
+    return sorted(random.Random(seed + 100000 * epoch + 104729).sample(range(lo, hi + 1), num))
+
+
+def prompt_shared_noise(prompt: str, step: int, epoch: int, shape: Sequence[int]) -> torch.Tensor:
+    """The reference's prompt-deterministic noise (SPEC §2.3): a CPU generator seeded with
+    ``(sha256(prompt)[:4] big-endian + step·10007 + epoch·100000) mod 2^31``; every member of the
+    prompt's group (on any rank) gets the same draw."""
+    head = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+    g = torch.Generator().manual_seed((head + step * 10007 + epoch * 100000) % 2**31)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+@dataclass
+class Stage2State:
+    generator: Backbone
+    fake: Backbone
+    ema: ModelEMA
+    gen_opt: torch.optim.Optimizer
+    fake_opt: torch.optim.Optimizer
+    epoch: int = 0
+    seconds: float = 0.0
+    trained_now: bool = False
+
+    def save(self, run_dir, keep: int) -> None:
+        ck.save_checkpoint(
+            run_dir / "checkpoints" / ck.checkpoint_name(STAGE, self.epoch),
+            modules={"generator": self.generator.state_dict(), "generator_ema": self.ema.state_dict(),
+                     "fake_score": self.fake.state_dict()},
+            optimizers={"generator": self.gen_opt.state_dict(), "fake_score": self.fake_opt.state_dict()},
+            state={"stage": STAGE, "epoch": self.epoch, "seconds": self.seconds},
+        )
+        ck.prune_checkpoints(run_dir, keep)
+
+    def load(self, path) -> None:
+        c = ck.load_checkpoint(path)
+        self.generator.load_state_dict(c.modules["generator"])
+        self.fake.load_state_dict(c.modules["fake_score"])
+        self.ema.load_state_dict(c.modules["generator_ema"])
+        self.gen_opt.load_state_dict(c.optimizers["generator"])
+        self.fake_opt.load_state_dict(c.optimizers["fake_score"])
+        self.epoch, self.seconds = int(c.state["epoch"]), float(c.state.get("seconds", 0.0))
+
+
+def init_state(stage1_ckpt, cfg, build_copy: Callable[[], Backbone]) -> Stage2State:
+    """Generator from stage 1's EMA weights, fake score from stage 1's fake score (SPEC §8; full parameters
+    for the toy — the LoRA merge + fresh adapter comes with the real backbones)."""
+    s2 = cfg.stage2
+    c = ck.load_checkpoint(stage1_ckpt)
+    generator, fake = build_copy(), build_copy()
+    generator.load_state_dict(c.modules["generator_ema"])
+    fake.load_state_dict(c.modules["fake_score"])
+    generator.train()
+    fake.train()
+    adam = dict(betas=tuple(s2.adam_betas), eps=s2.adam_eps)
+    return Stage2State(
+        generator=generator, fake=fake, ema=ModelEMA(generator, s2.ema_decay, cfg.stage1.ema_dtype),
+        gen_opt=torch.optim.AdamW(generator.parameters(), lr=s2.lr, weight_decay=s2.weight_decay, **adam),
+        fake_opt=torch.optim.AdamW(fake.parameters(), lr=s2.fake_lr, weight_decay=0.0, **adam))
+
+
+@dataclass
+class EpochData:
+    """One epoch's rollout with its rewards and advantages (CPU or device tensors)."""
+
+    prompts: list[str]
+    group: torch.Tensor
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    noises: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+class Stage2:
+    """RTDMD epochs on ``prompts`` against ``teacher`` with ``rewards``."""
+
+    def __init__(self, state: Stage2State, teacher: Backbone, prompts: list[str], rewards: RewardMixture, cfg,
+                 device: torch.device):
+        self.s = state
+        self.teacher = teacher
+        self.all_prompts = list(prompts)
+        self.rewards = rewards
+        self.cfg = cfg
+        self.s1, self.s2 = cfg.stage1, cfg.stage2
+        self.device = device
+        self.sigmas = sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift)
+        self.num_steps = len(self.sigmas) - 1
+        self.eta = cfg.schedule.eta
+        self.guidance = cfg.toy.teacher_guidance if cfg.model.kind == "toy" else 1.0
+        self.shape = tuple(state.generator.latent_shape)
+
+    # ------------------------------------------------------------------ rollout
+    def epoch_prompts(self, epoch: int) -> list[str]:
+        """Every prompt K times (``prompts_per_epoch = 0``) or a seeded subset of prompts, K times each."""
+        m = self.s2.prompts_per_epoch or len(self.all_prompts)
+        if m >= len(self.all_prompts):
+            chosen = self.all_prompts
+        else:
+            perm = rng.integers(self.cfg.seed, f"{STREAM}/prompts_perm", epoch, 0, 2**31, size=len(self.all_prompts))
+            chosen = [self.all_prompts[i] for i in sorted(range(len(self.all_prompts)), key=lambda i: perm[i])[:m]]
+        return [p for p in chosen for _ in range(self.s2.group_size)]
+
+    def collect(self, epoch: int, ppo_steps: list[int]) -> EpochData:
+        prompts = self.epoch_prompts(epoch)
+        n = len(prompts)
+        idx = range(n)
+        x_t = rng.normal(self.cfg.seed, f"{STREAM}/x_T", epoch, idx, self.shape, device=self.device)
+        noises = []
+        for j in range(self.num_steps):
+            if j in ppo_steps:  # fresh per-sample noise: the steps the policy gradient credits
+                noises.append(rng.normal(self.cfg.seed, f"{STREAM}/xi{j}", epoch, idx, self.shape, device=self.device))
+            else:  # prompt-shared noise: removes this step's variance from the group's reward differences
+                noises.append(torch.stack([prompt_shared_noise(p, j, epoch, self.shape) for p in prompts])
+                              .to(self.device))
+        gen = self.s.generator
+        was_training = gen.training
+        gen.eval()
+        try:
+            ro = rollout(gen.velocity_fn(gen.encode(prompts)), x_t, self.sigmas, eta=self.eta,
+                         noises=torch.stack(noises))
+        finally:
+            gen.train(was_training)
+        scores = self.rewards.score_all(self.s.generator.decode(ro.final), prompts)
+        group = torch.tensor([self.all_prompts.index(p) for p in prompts], device=self.device)
+        return EpochData(prompts, group, ro.latents, ro.next_latents, ro.log_probs, ro.noises, scores)
+
+    # ------------------------------------------------------------------ the three updates
+    def fake_update(self, data: EpochData, epoch: int) -> dict[str, torch.Tensor]:
+        """One fake-score step on every rollout sample's final x0 (σ_s = 0), in chunks (SPEC §8, §13.10)."""
+        x_s = data.next_latents[:, -1]
+        n = x_s.shape[0]
+        sigma_s = torch.zeros(n, device=self.device)
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, range(n), sigma_s, self.shape, self.s1,
+                               device=self.device, consistency=self.s1.consistency)
+        cond = self.s.fake.encode(data.prompts)
+        total = {}
+        for start in range(0, n, self.s2.fake_batch_size):
+            sl = slice(start, start + self.s2.fake_batch_size)
+            chunk = _select(sub, sl)
+            loss, stats = fake_score_objective(self.s.fake, x_s[sl], sigma_s[sl], cond_select(cond, sl), chunk,
+                                               self.s1, eta=self.eta)
+            frac = x_s[sl].shape[0] / n
+            (loss * frac).backward()
+            for k, v in stats.items():
+                total[k] = total.get(k, 0) + v * frac
+        total["fake_grad_norm"] = optimizer_step(self.s.fake, self.s.fake_opt, self.s2.grad_clip)
+        return total
+
+    def advantages(self, data: EpochData) -> torch.Tensor:
+        """The reference's weighted multi-reward mode (SPEC §5.3): per reward, prompt mean and global std
+        (ddof 0, +1e-4); weighted sum; re-standardised."""
+        return rk.group_advantages(data.rewards, data.group, num_groups=len(self.all_prompts), scale="global",
+                                   ddof=0, eps=1e-4, weights=self.rewards.weights, restandardize=True)
+
+    def select_rows(self, adv: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Zero-advantage filtering (SPEC §5.3): drop rows with advantage exactly 0; if all are dropped keep
+        ``num_batches`` random rows; pad with random dropped rows to a multiple of ``num_batches``."""
+        nb = self.s2.num_batches
+        n = adv.shape[0]
+        order = torch.from_numpy(rng.integers(self.cfg.seed, f"{STREAM}/filter", epoch, 0, 2**62, size=n)).argsort()
+        keep_mask = (adv != 0).cpu()
+        kept = [int(i) for i in order if keep_mask[i]]
+        dropped = [int(i) for i in order if not keep_mask[i]]
+        if not kept:
+            kept, dropped = dropped[:nb], dropped[nb:]
+        while len(kept) % nb and dropped:
+            kept.append(dropped.pop(0))
+        perm = torch.from_numpy(rng.integers(self.cfg.seed, f"{STREAM}/perm", epoch, 0, 2**62, size=len(kept)))
+        return torch.tensor(kept)[perm.argsort()]
+
+    def policy_update(self, data: EpochData, rows: torch.Tensor, ppo_steps: list[int], epoch: int
+                      ) -> dict[str, torch.Tensor]:
+        s2, gen = self.s2, self.s.generator
+        last = self.num_steps - 1
+        train_steps = sorted(set(ppo_steps) | {last})
+        n_sub = min(s2.num_batches, len(rows))
+        calls = n_sub * len(train_steps)  # backward calls per optimizer step (the reference's 48)
+        sums: dict[str, torch.Tensor] = {}
+        per_call = {"ppo": n_sub * len(ppo_steps), "last": n_sub}  # averages over the calls that have the term
+
+        def add(k, v, where):
+            sums[k] = sums.get(k, 0) + v.detach() / per_call[where]
+
+        for b, sub_rows in enumerate(torch.tensor_split(rows, n_sub)):
+            sub_rows = sub_rows.to(self.device)
+            prompts = [data.prompts[int(i)] for i in sub_rows]
+            cond = gen.encode(prompts)
+            adv = data.advantages[sub_rows]
+            for j in train_steps:
+                if not ((j in ppo_steps and s2.ppo_weight > 0) or (j == last and (s2.aux_weight > 0 or (
+                        s2.bp_scale > 0 and self.rewards.backprop_names)))):
+                    continue  # no term at this step (e.g. the no-PPO ablation): skip its forward
+                s, sn = self.sigmas[j], self.sigmas[j + 1]
+                x_j = data.latents[sub_rows, j]
+                v = gen.velocity(x_j, torch.full((len(sub_rows),), s, device=self.device), cond)
+                loss = torch.zeros((), device=self.device)
+                if j in ppo_steps and s2.ppo_weight > 0:
+                    l_ppo, st = rk.ppo_clip_loss(x_j, v, data.next_latents[sub_rows, j], data.log_probs[sub_rows, j],
+                                                 adv, s, sn, eta=self.eta, clip_range=s2.clip_range,
+                                                 adv_clip=s2.adv_clip, return_stats=True)
+                    loss = loss + s2.ppo_weight * l_ppo
+                    add("ppo_loss", l_ppo, "ppo")
+                    add("clip_fraction", st["clip_fraction"], "ppo")
+                    add("ratio_mean", st["ratio_mean"], "ppo")
+                if j == last:
+                    x_s, _ = rk.cps_step(x_j, v, s, sn, eta=self.eta, noise=data.noises[sub_rows, j])
+                    if s2.aux_weight > 0:
+                        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch, sub_rows.tolist(),
+                                               torch.full((len(sub_rows),), sn, device=self.device), self.shape,
+                                               self.s1, device=self.device, consistency=False)
+                        l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(sub_rows),), sn, device=self.device),
+                                                         self.teacher.encode(prompts),
+                                                         self.teacher.encode([""] * len(prompts))
+                                                         if self.guidance != 1.0 else None,
+                                                         self.teacher, self.s.fake, sub, guidance=self.guidance,
+                                                         eta=self.eta)
+                        loss = loss + s2.aux_weight * l_aux
+                        add("aux_loss", l_aux, "last")
+                    if s2.bp_scale > 0 and self.rewards.backprop_names:
+                        x_bp = x_s if s2.bp_steps == 1 else self._rerun_last_steps(data, sub_rows, cond)
+                        r = self.rewards.backprop_score(gen.decode(x_bp), prompts)
+                        l_bp = s2.bp_scale * torch.relu(s2.bp_margin - r).mean()
+                        loss = loss + l_bp
+                        add("bp_loss", l_bp, "last")
+                (loss / calls).backward()
+            if s2.ema_per_sub_batch and b < n_sub - 1:  # SPEC §13.2: after every sub-batch, params not yet stepped
+                self.s.ema.step(gen, epoch, s2.ema_interval)
+        sums["gen_grad_norm"] = optimizer_step(gen, self.s.gen_opt, s2.grad_clip)
+        # the reference's last call comes after the optimizer step, with the incremented global step
+        self.s.ema.step(gen, epoch + 1 if s2.ema_per_sub_batch else epoch, s2.ema_interval)
+        return sums
+
+    def _rerun_last_steps(self, data: EpochData, rows: torch.Tensor, cond) -> torch.Tensor:
+        """Re-run the last ``bp_steps`` sampler steps from the stored latent with the stored noises, with
+        gradient through every one of them (activation memory flat in k: ``rk.checkpointed_rollout``)."""
+        k = self.s2.bp_steps
+        start = self.num_steps - k
+        noises = data.noises[rows, start:].transpose(0, 1)
+        return rk.checkpointed_rollout(self.s.generator.velocity_fn(cond), data.latents[rows, start],
+                                       sigma_tensor(self.sigmas[start:], self.device), eta=self.eta, noises=noises,
+                                       grad_steps=None, checkpoint=True)
+
+    # ------------------------------------------------------------------ the loop
+    def epoch(self, epoch: int) -> dict[str, torch.Tensor]:
+        ppo_steps = ppo_step_subset(self.cfg.seed, epoch, self.s2.ppo_step_range, self.s2.ppo_steps)
+        data = self.collect(epoch, ppo_steps)
+        stats = self.fake_update(data, epoch) if self.s2.aux_weight > 0 else {}
+        data.advantages = self.advantages(data)
+        rows = self.select_rows(data.advantages, epoch)
+        stats.update(self.policy_update(data, rows, ppo_steps, epoch))
+        w = self.rewards.weighted_sum(data.rewards)
+        stats.update({f"reward_{n}": data.rewards[:, i].mean() for i, n in enumerate(self.rewards.names)})
+        stats["reward_weighted"] = w.mean()
+        stats["rows_kept"] = torch.tensor(float(len(rows)))
+        return stats
+
+    def run(self, *, log_fn: Callable[[dict], None] | None = None, run_dir=None, progress: bool = False,
+            stop_at: int | None = None) -> Stage2State:
+        end = self.s2.steps if stop_at is None else min(stop_at, self.s2.steps)
+        bar = tqdm(range(self.s.epoch, end), desc="stage 2 (RTDMD)", disable=None if progress else True,
+                   leave=False, initial=self.s.epoch, total=end)
+        t0 = time.perf_counter() - self.s.seconds
+        for epoch in bar:
+            stats = self.epoch(epoch)
+            self.s.epoch = epoch + 1
+            self.s.seconds = time.perf_counter() - t0
+            if log_fn is not None and (epoch % max(1, self.cfg.log.interval // 10) == 0 or epoch + 1 == end):
+                log_fn({"stage": "rtdmd", "step": epoch, **{k: float(v) for k, v in stats.items()},
+                        "seconds": round(self.s.seconds, 2)})
+            if run_dir is not None and (self.s.epoch % self.s2.checkpoint_every == 0 or self.s.epoch == end):
+                self.s.save(run_dir, self.s2.keep_checkpoints)
+        return self.s
+
+
+def _select(sub, sl):
+    return type(sub)(**{k: (v[sl] if v.numel() else v) for k, v in vars(sub).items()})
