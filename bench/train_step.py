@@ -1,7 +1,7 @@
 """Time one toy-world training step and split it between our kernels, the networks and the rest.
 
 ``python bench/train_step.py [--steps N]`` profiles stage-1 steps (a fake-score update, and one with the
-generator update as well) with ``torch.profiler`` and attributes every op's self time to the nearest
+generator update as well) and stage-2 epochs with ``torch.profiler`` and attributes every op's self time to the nearest
 labelled ancestor: ``kernels`` (the ``rtdmd_kernels`` autograd Functions, forward and backward),
 ``network`` (the tiny SD3 generator / fake score, forward, backward and checkpoint recompute),
 ``teacher`` (the exact analytic velocity), ``optimizer`` (AdamW) and ``other`` (RNG draws, EMA, glue).
@@ -29,6 +29,22 @@ KERNEL_FUNCTIONS = ("_GeneratorLossFunction", "_RenoiseFunction", "_FakeScoreFun
                     "_CPSStepFunction", "_PolicyFunction")
 BACKWARD = "autograd::engine::evaluate_function: "
 CATEGORIES = ("kernels", "network", "teacher", "optimizer", "other")
+
+
+def build_stage2(tmp_dir, overrides=(), device: str = "cpu"):
+    """A stage-2 loop on the toy preset, initialised from a (random-weight) stage-1 checkpoint in ``tmp_dir``."""
+    from pathlib import Path
+
+    from rtdmd import checkpoint as ck
+    from rtdmd.rewards import build_rewards
+    from rtdmd.stages import rtdmd as stage2
+
+    s1 = build_stage1(overrides, device)
+    s1.s.save(Path(tmp_dir), keep=1)
+    cfg, world = s1.cfg, s1.teacher.world
+    state = stage2.init_state(ck.latest_checkpoint(Path(tmp_dir), stage=1), cfg,
+                              lambda: toy.build_network(world, cfg.model).to(device))
+    return stage2.Stage2(state, s1.teacher, world.prompts(), build_rewards(cfg, world), cfg, torch.device(device))
 
 
 def build_stage1(overrides=(), device: str = "cpu") -> Stage1:
@@ -77,12 +93,14 @@ def _category(event) -> str:
     return "other"
 
 
-def profile_steps(loop: Stage1, steps: list[int]) -> tuple[float, dict[str, float]]:
-    """Wall seconds of ``steps`` and the share of each category (fractions of the profiled self time)."""
+def profile_steps(loop, steps: list[int]) -> tuple[float, dict[str, float]]:
+    """Wall seconds of ``steps`` (stage-1 steps, or stage-2 epochs) and the share of each category
+    (fractions of the profiled self time)."""
+    run_one = loop.step if isinstance(loop, Stage1) else loop.epoch
     with labelled_models(), profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for s in steps:
-            loop.step(s)
+            run_one(s)
         wall = time.perf_counter() - t0
     totals: dict[str, float] = defaultdict(float)
     for e in prof.events():
@@ -106,6 +124,15 @@ def main() -> None:
     _, shares = profile_steps(loop, list(range(ratio + args.steps, ratio + 2 * args.steps)))
     print(f"stage-1 step (batch {loop.s1.batch_size}, generator every {ratio}): {per_step * 1e3:.1f} ms/step "
           f"on {torch.get_num_threads()} threads")
+    print("share of profiled time: " + ", ".join(f"{c} {v:.1%}" for c, v in shares.items()))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loop2 = build_stage2(tmp)
+        loop2.epoch(0)  # warm-up
+        wall, shares = profile_steps(loop2, [1, 2])
+    print(f"stage-2 epoch ({len(loop2.epoch_prompts(0))} samples, {loop2.s2.num_batches} sub-batches): "
+          f"{wall / 2 * 1e3:.0f} ms/epoch under the profiler")
     print("share of profiled time: " + ", ".join(f"{c} {v:.1%}" for c, v in shares.items()))
 
 
