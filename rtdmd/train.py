@@ -64,16 +64,30 @@ def resolve(args) -> tuple[Config, RunFolder]:
                               "drop --preset/--config/--out/--init")
         run = RunFolder.open(args.resume)
         cfg = run.load_config(overrides)
+        check_supported(cfg)
         args.stage = args.stage or run.summary().get("stage", "all")
         return cfg, run
     args.stage = args.stage or "all"
     cfg = load_config(preset=args.preset or "toy", config_file=args.config, overrides=overrides)
+    check_supported(cfg)
     run = RunFolder.create(args.out, cfg)
     if args.init is not None:  # the run gets its own copy of the stage-1 result: self-contained, resumable
         src = stage1_checkpoint(RunFolder(args.init))
         shutil.copytree(src, run.checkpoints / src.name)
     run.update_summary(preset=cfg.preset, stage=args.stage)
     return cfg, run
+
+
+def check_supported(cfg: Config) -> None:
+    """What this release cannot run yet (and a device that is not there) fails before a run folder is made."""
+    resolve_device(cfg.device)
+    if cfg.model.kind != "toy":
+        raise ConfigError(f"config key 'model.kind': {cfg.model.kind!r} backbones are not built yet (only 'toy')")
+    if cfg.model.lora_rank > 0:
+        raise ConfigError("config key 'model.lora_rank': LoRA training comes with the real backbones; "
+                          "the toy trains full parameters (set it to 0)")
+    if cfg.distributed.strategy != "none":
+        raise ConfigError("config key 'distributed.strategy': data-parallel training is not built yet (use 'none')")
 
 
 def stage1_checkpoint(run: RunFolder) -> Path | None:
@@ -86,10 +100,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, run = resolve(args)
     device = resolve_device(cfg.device)
-    if cfg.model.kind != "toy":
-        raise ConfigError(f"config key 'model.kind': {cfg.model.kind!r} backbones are not built yet (only 'toy')")
-    if cfg.distributed.strategy != "none":
-        raise ConfigError("config key 'distributed.strategy': data-parallel training is not built yet (use 'none')")
     log.info("run folder: %s (device %s)", run.path, device)
     toy_main(cfg, run, device, args.stage)
     return 0

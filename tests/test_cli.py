@@ -123,11 +123,14 @@ def test_sample_cli(finished_run, tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--stage", "bogus"], "--stage"),
     (["--set", "model.kind=sd3"], "model.kind"),
+    (["--set", "model.lora_rank=4"], "model.lora_rank"),
+    (["--set", "distributed.strategy=ddp"], "distributed.strategy"),
 ])
-def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
     assert train(*argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and needle in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing half-made is left behind
 
 
 def test_out_must_not_hold_a_run(finished_run, capsys):
