@@ -31,6 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ._io import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -75,19 +77,6 @@ def _fsync_dir(directory: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _prepare_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -297,7 +286,7 @@ def save_checkpoint(
             save_safetensors(sd, tmp / f"{name}.safetensors")
         for name, sd in optimizers.items():
             _save_optimizer(sd, tmp / f"{name}{OPTIM_SUFFIX}")
-        _atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks a complete directory
+        atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks a complete directory
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

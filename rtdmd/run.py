@@ -13,24 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ._io import atomic_write_text
 from .config import Config, ConfigError, load_config, save_config
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
@@ -111,5 +99,5 @@ class RunFolder:
             s["stage"] = stage  # what --stage the run was started with (what --resume continues)
         s.setdefault("eval", {}).update(rows or {})
         s.setdefault("seconds", {}).update(seconds or {})
-        _atomic_write(self.summary_path, json.dumps(_json_safe(s), indent=2) + "\n")
+        atomic_write_text(self.summary_path, json.dumps(_json_safe(s), indent=2) + "\n")
         return s

@@ -62,20 +62,27 @@ def sample(velocity_fn: VelocityFn, x_T: torch.Tensor, sigmas: Sequence[float] |
 
 @dataclass
 class Rollout:
-    """A rollout's stored trajectory (SPEC §2.3): per step ``j`` the input ``latents[:, j]``, the CPS output
-    ``next_latents[:, j]``, the surrogate ``log_probs[:, j]``, the ``noises[:, j]`` used, the generator's
-    ``velocities[:, j]`` and ``sigmas [K+1]``. ``final`` is the last CPS output (the x0 prediction)."""
+    """A rollout's stored trajectory (SPEC §2.3): ``trajectory [N, K+1, ...]`` holds ``x_T`` and every CPS
+    output once — ``latents`` (step inputs) and ``next_latents`` (step outputs) are views of it — plus the
+    surrogate ``log_probs [N, K]``, the ``noises [N, K, ...]`` used and ``sigmas [K+1]``."""
 
-    latents: torch.Tensor
-    next_latents: torch.Tensor
+    trajectory: torch.Tensor
     log_probs: torch.Tensor
     noises: torch.Tensor
-    velocities: torch.Tensor
     sigmas: torch.Tensor
 
     @property
+    def latents(self) -> torch.Tensor:
+        return self.trajectory[:, :-1]
+
+    @property
+    def next_latents(self) -> torch.Tensor:
+        return self.trajectory[:, 1:]
+
+    @property
     def final(self) -> torch.Tensor:
-        return self.next_latents[:, -1]
+        """The last CPS output (the x0 prediction when the schedule ends at 0)."""
+        return self.trajectory[:, -1]
 
 
 @torch.no_grad()
@@ -84,19 +91,15 @@ def rollout(velocity_fn: VelocityFn, x_T: torch.Tensor, sigmas: Sequence[float] 
     """:func:`sample` that keeps the trajectory and the CPS log-probs (``rk.cps_logprob``, the reference's
     surrogate ``-mean((x' - μ)²)``, 0 at the deterministic last step) for GRPO. The chain is float32."""
     sig = _check(x_T, sigmas, noises)
-    x = x_T.float()
-    latents, nexts, lps, vs = [], [], [], []
+    traj, lps = [x_T.float()], []
     for j, (s, sn) in enumerate(zip(sig[:-1], sig[1:], strict=False)):
+        x = traj[-1]
         v = velocity_fn(x, _sigma(s, x)).float()
         x_next, _ = rk.cps_step(x, v, s, sn, eta=eta, noise=noises[j])
         lps.append(rk.cps_logprob(x, v, x_next, s, sn, eta=eta))
-        latents.append(x)
-        nexts.append(x_next)
-        vs.append(v)
-        x = x_next
-    return Rollout(latents=torch.stack(latents, 1), next_latents=torch.stack(nexts, 1), log_probs=torch.stack(lps, 1),
-                   noises=noises.transpose(0, 1).contiguous(), velocities=torch.stack(vs, 1),
-                   sigmas=torch.tensor(sig, dtype=torch.float32))
+        traj.append(x_next)
+    return Rollout(trajectory=torch.stack(traj, 1), log_probs=torch.stack(lps, 1),
+                   noises=noises.transpose(0, 1).contiguous(), sigmas=torch.tensor(sig, dtype=torch.float32))
 
 
 def generate(backbone, prompts: Sequence[str], *, sigmas: Sequence[float], eta: float, seed: int,

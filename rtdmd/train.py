@@ -132,19 +132,12 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
     log_rows(run, rows)
     summary = run.update_summary(preset=cfg.preset, rows=rows, seconds=seconds)
 
-    wanted = ["ac_dmd", "rtdmd"] if stage == "all" else [stage]
-    if "ac_dmd" in wanted:
-        state = run_stage1(cfg, run, device, world, base)
-        pictures["ac_dmd"] = generate_samples(state.ema.module, evaluator, cfg, device)
-        rows = {} if "ac_dmd" in done and not state.trained_now else {"ac_dmd": evaluator.row(pictures["ac_dmd"])}
+    for name in ["ac_dmd", "rtdmd"] if stage == "all" else [stage]:
+        state = run_stage(name, cfg, run, device, world, base)
+        pictures[name] = generate_samples(state.ema.module, evaluator, cfg, device)
+        rows = {} if name in done and not state.trained_now else {name: evaluator.row(pictures[name])}
         log_rows(run, rows)
-        summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={"ac_dmd": round(state.seconds, 2)})
-    if "rtdmd" in wanted:
-        state2 = run_stage2(cfg, run, device, world)
-        pictures["rtdmd"] = generate_samples(state2.ema.module, evaluator, cfg, device)
-        rows = {} if "rtdmd" in done and not state2.trained_now else {"rtdmd": evaluator.row(pictures["rtdmd"])}
-        log_rows(run, rows)
-        summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={"rtdmd": round(state2.seconds, 2)})
+        summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={name: round(state.seconds, 2)})
     plot_toy_rows(world, evaluator.prompt_idx, pictures, run.path / "samples.png")
     print(format_table(summary["eval"]))
     print(f"run folder: {run.path}")
@@ -155,48 +148,36 @@ def log_rows(run: RunFolder, rows: dict[str, dict]) -> None:
         run.log({"stage": "eval", "step": 0, "row": name, **row})
 
 
-def run_stage1(cfg: Config, run: RunFolder, device: torch.device, world, base):
-    """Stage 1 from the base network, or continued from the run's newest stage-1 checkpoint."""
-    from . import checkpoint as ck
-    from .models.toy import ExactTeacher, build_network
-    from .stages.ac_dmd import Stage1, init_state
-
-    state = init_state(base, cfg, lambda: build_network(world, cfg.model).to(device))
-    latest = ck.latest_checkpoint(run.path, stage=1)
-    if latest is not None:
-        state.load(latest)
-        log.info("stage 1: resuming from %s", latest.name)
-    state.trained_now = state.step < cfg.stage1.steps or latest is None
-    if state.trained_now:
-        teacher = ExactTeacher(world).to(device)
-        Stage1(state, teacher, world.prompts(), cfg, device).run(log_fn=run.log, run_dir=run.path,
-                                                                 progress=cfg.log.progress)
-        if cfg.stage1.steps == 0:
-            state.save(run.path, cfg.stage1.keep_checkpoints)  # stage 2 starts from a checkpoint, even an untrained one
-    return state
-
-
-def run_stage2(cfg: Config, run: RunFolder, device: torch.device, world):
-    """Stage 2 from the run's stage-1 result, or continued from its newest stage-2 checkpoint."""
+def run_stage(name: str, cfg: Config, run: RunFolder, device: torch.device, world, base):
+    """Stage ``name`` (``ac_dmd`` from the base network, ``rtdmd`` from the run's stage-1 result), or continued
+    from the run's newest checkpoint of that stage; a finished stage is only loaded."""
     from . import checkpoint as ck
     from .models.toy import ExactTeacher, build_network
     from .rewards import build_rewards
-    from .stages.rtdmd import Stage2, init_state
+    from .stages import ac_dmd, rtdmd
 
-    stage1 = stage1_checkpoint(run)
-    if stage1 is None:
-        raise ConfigError(f"stage 2 needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
-    state = init_state(stage1, cfg, lambda: build_network(world, cfg.model).to(device))
-    latest = ck.latest_checkpoint(run.path, stage=2)
+    def build():
+        return build_network(world, cfg.model).to(device)
+
+    teacher = ExactTeacher(world).to(device)
+    if name == "ac_dmd":
+        state, total, keep = ac_dmd.init_state(base, cfg, build), cfg.stage1.steps, cfg.stage1.keep_checkpoints
+        make_loop = lambda: ac_dmd.Stage1(state, teacher, world.prompts(), cfg, device)
+    else:
+        stage1 = stage1_checkpoint(run)
+        if stage1 is None:
+            raise ConfigError(f"stage 2 needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
+        state, total, keep = rtdmd.init_state(stage1, cfg, build), cfg.stage2.steps, cfg.stage2.keep_checkpoints
+        make_loop = lambda: rtdmd.Stage2(state, teacher, world.prompts(), build_rewards(cfg, world), cfg, device)
+    latest = ck.latest_checkpoint(run.path, stage=state.STAGE)
     if latest is not None:
         state.load(latest)
-        log.info("stage 2: resuming from %s", latest.name)
-    state.trained_now = state.epoch < cfg.stage2.steps or latest is None
+        log.info("%s: resuming from %s", name, latest.name)
+    state.trained_now = state.index < total or latest is None
     if state.trained_now:
-        loop = Stage2(state, ExactTeacher(world).to(device), world.prompts(), build_rewards(cfg, world), cfg, device)
-        loop.run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress)
-        if cfg.stage2.steps == 0:
-            state.save(run.path, cfg.stage2.keep_checkpoints)
+        make_loop().run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress)
+        if total == 0:
+            state.save(run.path, keep)  # a later stage starts from a checkpoint, even an untrained one
     return state
 
 

@@ -13,19 +13,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 import rtdmd_kernels as rk
 
-from .. import checkpoint as ck
 from .. import rng
 from ..models.base import Backbone
 from ..sampler import sample
 from ..schedule import sd3_sigmas, sigma_tensor
 from .common import (
     ModelEMA,
+    StageState,
     chain_round,
     draw_subinterval,
     fake_score_objective,
@@ -42,39 +43,27 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
-class Stage1State:
-    """The trained models of stage 1 and where the loop stands."""
+class Stage1State(StageState):
+    """Stage 1's models and progress; ``step`` counts fake-score updates."""
 
-    generator: Backbone
-    fake: Backbone
-    ema: ModelEMA
-    gen_opt: torch.optim.Optimizer
-    fake_opt: torch.optim.Optimizer
-    step: int = 0
-    seconds: float = 0.0
+    STAGE: ClassVar[int] = STAGE
+    COUNTER: ClassVar[str] = "step"
+
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # of the latest generator update
-    trained_now: bool = False  # whether this invocation trained (else a finished run was loaded)
 
-    def save(self, run_dir, keep: int) -> None:
-        ck.save_checkpoint(
-            run_dir / "checkpoints" / ck.checkpoint_name(STAGE, self.step),
-            modules={"generator": self.generator.state_dict(), "generator_ema": self.ema.state_dict(),
-                     "fake_score": self.fake.state_dict()},
-            optimizers={"generator": self.gen_opt.state_dict(), "fake_score": self.fake_opt.state_dict()},
-            state={"stage": STAGE, "step": self.step, "seconds": self.seconds,
-                   "last_generator_stats": {k: float(v) for k, v in self.stats.items()}},
-        )
-        ck.prune_checkpoints(run_dir, keep)
+    @property
+    def step(self) -> int:
+        return self.index
 
-    def load(self, path) -> None:
-        c = ck.load_checkpoint(path)
-        self.generator.load_state_dict(c.modules["generator"])
-        self.fake.load_state_dict(c.modules["fake_score"])
-        self.ema.load_state_dict(c.modules["generator_ema"])
-        self.gen_opt.load_state_dict(c.optimizers["generator"])
-        self.fake_opt.load_state_dict(c.optimizers["fake_score"])
-        self.step, self.seconds = int(c.state["step"]), float(c.state.get("seconds", 0.0))
-        self.stats = {k: torch.tensor(v) for k, v in c.state.get("last_generator_stats", {}).items()}
+    @step.setter
+    def step(self, value: int) -> None:
+        self.index = value
+
+    def extra_state(self) -> dict:
+        return {"last_generator_stats": {k: float(v) for k, v in self.stats.items()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.stats = {k: torch.tensor(v) for k, v in state.get("last_generator_stats", {}).items()}
 
 
 def init_state(base: Backbone, cfg, build_copy: Callable[[], Backbone]) -> Stage1State:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 import rtdmd_kernels as rk
 
+from .. import checkpoint as ck
 from .. import rng
 from ..models.base import Backbone, Cond
 
@@ -39,6 +41,10 @@ class SubInterval:
     sigma_p: torch.Tensor
     xi_1: torch.Tensor
     xi_2: torch.Tensor
+
+    def select(self, index: slice | torch.Tensor) -> SubInterval:
+        """The draws of a subset of the samples (empty fields stay empty)."""
+        return SubInterval(**{k: (v[index] if v.numel() else v) for k, v in vars(self).items()})
 
 
 def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], sigma_s: torch.Tensor,
@@ -161,10 +167,54 @@ class ModelEMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.fp32:  # the float32 shadow is the state; the module holds its rounding
             names = [n for n, _ in self.module.named_parameters()]
-            return {**self.module.state_dict(), **{f"{n}": s for n, s in zip(names, self._shadow, strict=True)}}
+            return {**self.module.state_dict(), **dict(zip(names, self._shadow, strict=True))}
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
         if self.fp32:
             self._shadow = [state[n].float().clone() for n, _ in self.module.named_parameters()]
+
+
+@dataclass
+class StageState:
+    """The trained models of a stage, their optimizers and where the loop stands (``index``: steps in stage 1,
+    epochs in stage 2). ``save``/``load`` write and read ``checkpoints/stage{S}-{step|epoch}-N/``."""
+
+    STAGE: ClassVar[int] = 0
+    COUNTER: ClassVar[str] = "step"
+
+    generator: Backbone
+    fake: Backbone
+    ema: ModelEMA
+    gen_opt: torch.optim.Optimizer
+    fake_opt: torch.optim.Optimizer
+    index: int = 0
+    seconds: float = 0.0
+    trained_now: bool = False  # whether this invocation trained (else a finished run was loaded)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def save(self, run_dir, keep: int) -> None:
+        ck.save_checkpoint(
+            run_dir / "checkpoints" / ck.checkpoint_name(self.STAGE, self.index),
+            modules={"generator": self.generator.state_dict(), "generator_ema": self.ema.state_dict(),
+                     "fake_score": self.fake.state_dict()},
+            optimizers={"generator": self.gen_opt.state_dict(), "fake_score": self.fake_opt.state_dict()},
+            state={"stage": self.STAGE, self.COUNTER: self.index, "seconds": self.seconds, **self.extra_state()},
+        )
+        ck.prune_checkpoints(run_dir, keep)
+
+    def load(self, path) -> None:
+        c = ck.load_checkpoint(path)
+        self.generator.load_state_dict(c.modules["generator"])
+        self.fake.load_state_dict(c.modules["fake_score"])
+        self.ema.load_state_dict(c.modules["generator_ema"])
+        self.gen_opt.load_state_dict(c.optimizers["generator"])
+        self.fake_opt.load_state_dict(c.optimizers["fake_score"])
+        self.index, self.seconds = int(c.state[self.COUNTER]), float(c.state.get("seconds", 0.0))
+        self.load_extra_state(c.state)

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +32,14 @@ from ..models.base import Backbone, cond_select
 from ..rewards import RewardMixture
 from ..sampler import rollout
 from ..schedule import sd3_sigmas, sigma_tensor
-from .common import ModelEMA, draw_subinterval, fake_score_objective, generator_ac_dmd_loss, optimizer_step
+from .common import (
+    ModelEMA,
+    StageState,
+    draw_subinterval,
+    fake_score_objective,
+    generator_ac_dmd_loss,
+    optimizer_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,34 +64,19 @@ def prompt_shared_noise(prompt: str, step: int, epoch: int, shape: Sequence[int]
 
 
 @dataclass
-class Stage2State:
-    generator: Backbone
-    fake: Backbone
-    ema: ModelEMA
-    gen_opt: torch.optim.Optimizer
-    fake_opt: torch.optim.Optimizer
-    epoch: int = 0
-    seconds: float = 0.0
-    trained_now: bool = False
+class Stage2State(StageState):
+    """Stage 2's models and progress; ``epoch`` counts epochs (one generator step each)."""
 
-    def save(self, run_dir, keep: int) -> None:
-        ck.save_checkpoint(
-            run_dir / "checkpoints" / ck.checkpoint_name(STAGE, self.epoch),
-            modules={"generator": self.generator.state_dict(), "generator_ema": self.ema.state_dict(),
-                     "fake_score": self.fake.state_dict()},
-            optimizers={"generator": self.gen_opt.state_dict(), "fake_score": self.fake_opt.state_dict()},
-            state={"stage": STAGE, "epoch": self.epoch, "seconds": self.seconds},
-        )
-        ck.prune_checkpoints(run_dir, keep)
+    STAGE: ClassVar[int] = STAGE
+    COUNTER: ClassVar[str] = "epoch"
 
-    def load(self, path) -> None:
-        c = ck.load_checkpoint(path)
-        self.generator.load_state_dict(c.modules["generator"])
-        self.fake.load_state_dict(c.modules["fake_score"])
-        self.ema.load_state_dict(c.modules["generator_ema"])
-        self.gen_opt.load_state_dict(c.optimizers["generator"])
-        self.fake_opt.load_state_dict(c.optimizers["fake_score"])
-        self.epoch, self.seconds = int(c.state["epoch"]), float(c.state.get("seconds", 0.0))
+    @property
+    def epoch(self) -> int:
+        return self.index
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.index = value
 
 
 def init_state(stage1_ckpt, cfg, build_copy: Callable[[], Backbone]) -> Stage2State:
@@ -182,7 +175,7 @@ class Stage2:
         total = {}
         for start in range(0, n, self.s2.fake_batch_size):
             sl = slice(start, start + self.s2.fake_batch_size)
-            chunk = _select(sub, sl)
+            chunk = sub.select(sl)
             loss, stats = fake_score_objective(self.s.fake, x_s[sl], sigma_s[sl], cond_select(cond, sl), chunk,
                                                self.s1, eta=self.eta)
             frac = x_s[sl].shape[0] / n
@@ -317,6 +310,3 @@ class Stage2:
                 self.s.save(run_dir, self.s2.keep_checkpoints)
         return self.s
 
-
-def _select(sub, sl):
-    return type(sub)(**{k: (v[sl] if v.numel() else v) for k, v in vars(sub).items()})
