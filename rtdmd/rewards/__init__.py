@@ -1,25 +1,63 @@
-"""Rewards: one interface, toy rewards, weighted mixtures (CLIP-family scorers come with the real backbones)."""
+"""Rewards: one interface, the toy rewards, image rewards (CLIPScore, PickScore, HPSv2.1, aesthetic, plug-ins)
+and weighted mixtures."""
 
 from .base import Reward, RewardMixture, WeightedReward
 from .toy import TOY_REWARDS, BinaryReward, LinearReward
 
-__all__ = ["Reward", "RewardMixture", "WeightedReward", "LinearReward", "BinaryReward", "TOY_REWARDS", "build_rewards"]
+__all__ = ["Reward", "RewardMixture", "WeightedReward", "LinearReward", "BinaryReward", "TOY_REWARDS", "build_rewards",
+           "check_reward_specs"]
+
+#: image rewards known by name (``rewards.<name>.kind`` picks one under another name)
+IMAGE_REWARDS = ("clipscore", "pickscore", "hpsv2", "aesthetic")
 
 
-def build_rewards(cfg, world=None) -> RewardMixture:
-    """The config's ``rewards`` section as a mixture; toy presets know the rewards ``linear`` and ``binary``."""
-    from ..config import ConfigError
+def build_rewards(cfg, world=None, device=None) -> RewardMixture:
+    """The config's ``rewards`` section as a mixture: toy presets know ``linear`` and ``binary``; real presets
+    load image rewards from local folders or plug-in functions (:func:`rtdmd.rewards.image.build_image_reward`)."""
+    from ..config import ConfigError, config_to_dict
 
     out = {}
     for name, rc in cfg.rewards.items():
+        if rc.weight == 0 and not rc.backprop and cfg.model.kind != "toy":
+            continue  # a real reward model with weight 0 would be loaded for nothing
         if cfg.model.kind == "toy":
             if name not in TOY_REWARDS:
                 raise ConfigError(f"config key 'rewards.{name}': unknown toy reward (known: {', '.join(TOY_REWARDS)})")
             reward = TOY_REWARDS[name](world)
         else:
-            raise ConfigError(f"config key 'rewards.{name}': rewards for model.kind={cfg.model.kind!r} "
-                              "are not built yet")
+            from .image import build_image_reward
+
+            reward = build_image_reward(name, config_to_dict(rc), device=device)
         if rc.backprop and not reward.differentiable:
             raise ConfigError(f"config key 'rewards.{name}.backprop': the {name} reward is not differentiable")
         out[name] = WeightedReward(reward, rc.weight, rc.backprop)
+    if not out:
+        raise ConfigError("config key 'rewards': no reward with a weight or backprop=true")
     return RewardMixture(out)
+
+
+def check_reward_specs(cfg) -> None:
+    """Cheap checks of a real preset's rewards before anything is loaded: a known kind or a plug-in function,
+    and paths that exist."""
+    from pathlib import Path
+
+    from ..config import ConfigError
+
+    for name, rc in cfg.rewards.items():
+        kind = rc.kind or name
+        if rc.function is not None:
+            from .plugin import resolve_function
+
+            try:
+                resolve_function(rc.function, key=f"rewards.{name}.function")
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+        if rc.function is None and kind not in IMAGE_REWARDS:
+            raise ConfigError(f"config key 'rewards.{name}': unknown reward kind {kind!r} (known: "
+                              f"{', '.join(IMAGE_REWARDS)}; or set rewards.{name}.function=module:function)")
+        if rc.function is None and not rc.path:
+            raise ConfigError(f"config key 'rewards.{name}.path' must be set (a local folder of the {kind} model)")
+        for key in ("path", "processor_path", "tokenizer_path", "clip_path"):
+            value = getattr(rc, key)
+            if value and not Path(value).expanduser().exists():
+                raise ConfigError(f"config key 'rewards.{name}.{key}': no such file or folder: {value}")

@@ -34,6 +34,13 @@ class Reward:
             raise ValueError(f"reward {self.name!r} returned shape {tuple(out.shape)}, expected ({samples.shape[0]},)")
         return out
 
+    def advantage_score(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The score that enters the group advantages, without gradient. Image rewards override this to
+        score uint8-quantized images with the rollout preprocessing, as the reference does (SPEC §11, §13.15);
+        back-propagation uses :meth:`__call__` on the float images."""
+        with torch.no_grad():
+            return self(samples.detach(), prompts)
+
 
 @dataclass
 class WeightedReward:
@@ -69,7 +76,7 @@ class RewardMixture:
     @torch.no_grad()
     def score_all(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Every reward, no gradient: ``[N, R]`` float32 in :attr:`names` order (the advantage input)."""
-        return torch.stack([wr.reward(samples, prompts).float() for wr in self.rewards.values()], dim=1)
+        return torch.stack([wr.reward.advantage_score(samples, prompts).float() for wr in self.rewards.values()], dim=1)
 
     def weighted_sum(self, scores: torch.Tensor) -> torch.Tensor:
         """``Σ_k w_k r_k`` of a ``[N, R]`` score table (the reference's logged "mean" reward)."""
