@@ -23,9 +23,9 @@ setup(
         "torch>=2.4",  # never pinned to a CUDA or CPU build: users bring the build they need
         "numpy",
         "safetensors",
-        "diffusers",
+        "diffusers>=0.42",  # Flux2KleinPipeline, LoRA adapter metadata
         "transformers",
-        "peft",
+        "peft>=0.17",
         "pyyaml",
         "tqdm",
         "matplotlib",

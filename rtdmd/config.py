@@ -29,7 +29,7 @@ from ._io import atomic_write_text
 
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "ToyConfig", "ScheduleConfig", "RewardConfig", "Stage1Config",
-    "Stage2Config", "EvalConfig", "LogConfig", "DistributedConfig", "load_config", "config_from_dict",
+    "Stage2Config", "DataConfig", "EvalConfig", "LogConfig", "DistributedConfig", "load_config", "config_from_dict",
     "config_to_dict", "save_config", "section_hash", "available_presets", "validate",
 ]
 
@@ -79,6 +79,14 @@ class ModelConfig:
     pooled_dim: int = field(default=32, metadata=_rng(1))
     lora_rank: int = field(default=0, metadata=_rng(0))  # 0 = train full parameters
     lora_alpha: float = field(default=0.0, metadata=_rng(0))  # 0 = same as lora_rank (scale 1)
+    # real backbones (sd3, flux2): local diffusers folders, precision, size, conditioning
+    generator_path: str | None = None  # FLUX.2: the generator starts from klein (SPEC §8); null = model.path
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # weights (the reference: bf16 + bf16 autocast)
+    resolution: int = field(default=512, metadata=_rng(16))  # training images are resolution x resolution px
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers: optional, CUDA only
+    max_sequence_length: int = field(default=0, metadata=_rng(0))  # text tokens; 0 = the reference's (128 / 512)
+    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # teacher CFG (4.5 SD3.5, 4.0 FLUX.2)
+    gradient_checkpointing: bool = True  # the generator's transformer blocks (the reference: on)
 
 
 @dataclass
@@ -113,7 +121,19 @@ class ScheduleConfig:
 class RewardConfig:
     weight: float = 1.0
     backprop: bool = False
-    path: str | None = None
+    path: str | None = None  # local folder or file of the reward model (image rewards)
+    kind: str | None = None  # clipscore | pickscore | hpsv2 | aesthetic; null = the entry's name
+    processor_path: str | None = None  # PickScore: the image processor's folder (null = path)
+    tokenizer_path: str | None = None  # HPSv2.1: a CLIP tokenizer folder
+    clip_path: str | None = None  # aesthetic: the CLIP ViT-L/14 folder under the predictor head (path)
+    function: str | None = None  # plug-in scorer "module:function" (GenEval detectors, VLM judges)
+    differentiable: bool = False  # plug-ins only: whether the function's score may be back-propagated
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str | None = None  # .txt (one prompt a line) or .jsonl ({"prompt": ..., other fields})
+    eval_prompts: str | None = None
 
 
 def _default_rewards() -> dict[str, RewardConfig]:
@@ -145,6 +165,7 @@ class Stage1Config:
     consistency_weight: float = field(default=0.01, metadata=_rng(0))
     consistency_epsilon: int = field(default=200, metadata=_rng(1))  # δ ~ U{1..ε} timesteps
     rollout_checkpoint: bool = True  # rk.checkpointed_rollout: keep only the grad step's input
+    fake_gradient_checkpointing: bool = True  # the fake score's blocks (the reference: on in stage 1)
     checkpoint_every: int = field(default=500, metadata=_rng(1))
     keep_checkpoints: int = field(default=2, metadata=_rng(1))
 
@@ -176,6 +197,12 @@ class Stage2Config:
     ema_decay: float = field(default=0.9, metadata=_rng(0, 1))
     ema_interval: int = field(default=8, metadata=_rng(1))
     ema_per_sub_batch: bool = True  # SPEC §13.2: the reference calls the EMA after every sub-batch
+    lora_init: Literal["reference", "peft"] = "reference"  # fresh adapter: A ~ N(0,1) (SPEC §13.3) or N(0,1/r)
+    fake_gradient_checkpointing: bool = True  # ours; the reference runs the stage-2 fake without it
+    vae_checkpointing: bool = True  # ours: checkpoint the VAE decode of reward BP (the reference: off)
+    bp_batch_size: int = field(default=0, metadata=_rng(0))  # BP decode+score chunk (0 = the whole sub-batch)
+    decode_batch_size: int = field(default=4, metadata=_rng(1))  # rollout VAE decode chunk (the reference: 4)
+    sample_batch_size: int = field(default=0, metadata=_rng(0))  # rollout chunk (the reference: 9); 0 = all at once
     checkpoint_every: int = field(default=50, metadata=_rng(1))
     keep_checkpoints: int = field(default=2, metadata=_rng(1))
 
@@ -205,6 +232,7 @@ class Config:
     toy: ToyConfig = field(default_factory=ToyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     rewards: dict[str, RewardConfig] = field(default_factory=_default_rewards)
+    data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -365,6 +393,14 @@ def validate(cfg: Config) -> None:
     if s2.bp_steps > n_steps:
         raise ConfigError(f"config key 'stage2.bp_steps' must be <= the number of sampler steps {n_steps}, "
                           f"got {s2.bp_steps}")
+    if m.kind != "toy":
+        for key, value in (("model.path", m.path), ("data.train_prompts", cfg.data.train_prompts)):
+            if not value:
+                raise ConfigError(f"config key '{key}' must be set for model.kind={m.kind}")
+        if m.lora_rank == 0:
+            raise ConfigError(f"config key 'model.lora_rank' must be > 0 for model.kind={m.kind} (LoRA training)")
+        if m.resolution % 16:
+            raise ConfigError(f"config key 'model.resolution' must be a multiple of 16, got {m.resolution}")
     if m.kind == "toy" and any(s % TOY_PATCH_SIZE for s in t.latent_shape[1:]):
         raise ConfigError(f"config key 'toy.latent_shape' must have height and width divisible by the toy "
                           f"network's patch size {TOY_PATCH_SIZE}, got {t.latent_shape}")

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m rtdmd.sample", description="Sample a trained RTDMD run.")
     p.add_argument("--run", required=True, metavar="DIR", help="a run folder of python -m rtdmd.train")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT", help="prompt (repeatable; default: all)")
-    p.add_argument("--num", type=int, default=256, help="samples per prompt (default 256)")
+    p.add_argument("--num", type=int, default=None, help="samples per prompt (default: 256 toy, 1 image models)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's, 4)")
     p.add_argument("--seed", type=int, default=None, help="default: the run's seed")
     p.add_argument("--out", default=None, metavar="DIR", help="default: <run>/samples/")
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = RunFolder.open(args.run, "--run")
     cfg = run.load_config()
-    if cfg.model.kind != "toy":
-        raise ConfigError(f"config key 'model.kind': sampling {cfg.model.kind!r} runs is not built yet")
+    if args.num is None:
+        args.num = 256 if cfg.model.kind == "toy" else 1
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
     if args.steps is not None and args.steps < 1:
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     if seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {seed}")
     device = resolve_device(args.device or cfg.device)
+    if cfg.model.kind != "toy":
+        return sample_images(args, run, cfg, seed, device)
 
     from .models.toy import build_world
     from .plot import plot_toy_rows
@@ -91,6 +93,61 @@ def main(argv=None) -> int:
     np.savez(out / "samples.npz", samples=x.numpy(), prompts=np.array(all_prompts))
     plot_toy_rows(world, prompt_idx.repeat_interleave(args.num), {source.split("/")[-1]: x}, out / "samples.png")
     print(f"wrote {out / 'samples.npz'} and {out / 'samples.png'}")
+    return 0
+
+
+def load_image_generator(run: RunFolder, cfg, device):
+    """The run's EMA generator on its real backbone: stage 1's LoRA, under stage 2's when the run has one."""
+    from .models.diffusion import load_core, stage1_models, stage2_models
+    from .train import user_errors
+
+    s1, s2 = latest_checkpoint(run.path, stage=1), latest_checkpoint(run.path, stage=2)
+    if s1 is None:
+        raise FileNotFoundError(f"{run.path}: no stage-1 checkpoint to sample from")
+    with user_errors():
+        core = load_core(cfg.model, device)
+    s1_modules = load_checkpoint(s1).modules
+    if s2 is None:
+        generator, _, _ = stage1_models(core, cfg)
+        generator.load_state_dict(s1_modules["generator_ema"])
+        return generator.eval(), f"{s1.name}/generator_ema"
+    generator, _, _ = stage2_models(core, cfg, s1_modules)
+    generator.load_state_dict(load_checkpoint(s2).modules["generator_ema"])
+    return generator.eval(), f"{s1.name}/generator_ema + {s2.name}/generator_ema"
+
+
+def sample_images(args, run: RunFolder, cfg, seed: int, device) -> int:
+    from .data import load_prompts
+    from .train import user_errors
+
+    if args.prompt:
+        prompts = list(args.prompt)
+    elif cfg.data.eval_prompts:
+        with user_errors():
+            prompts = load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
+    else:
+        raise ConfigError("give --prompt TEXT (or set data.eval_prompts in the run's config)")
+    generator, source = load_image_generator(run, cfg, device)
+    steps = cfg.schedule.denoising_steps if args.steps is None else uniform_denoising_steps(args.steps)
+    sigmas = generator.sigmas(steps, cfg.schedule.shift)
+    log.info("sampling %d x %d prompts with %s, sigmas %s", args.num, len(prompts), source, sigmas)
+    all_prompts = [p for p in prompts for _ in range(args.num)]
+    out = Path(args.out) if args.out else run.path / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    written = 0
+    with torch.no_grad():
+        for start in range(0, len(all_prompts), cfg.eval.batch_size):
+            chunk = all_prompts[start:start + cfg.eval.batch_size]
+            x = generate(generator, chunk, sigmas=sigmas, eta=cfg.schedule.eta, seed=seed, stream="sample",
+                         indices=range(start, start + len(chunk)), batch_size=len(chunk), device=device)
+            images = generator.decode(x.to(device), chunk=cfg.stage2.decode_batch_size)
+            for img in (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+                Image.fromarray(img).save(out / f"{written:05d}.png")
+                written += 1
+    (out / "prompts.txt").write_text("".join(f"{i:05d}.png\t{p}\n" for i, p in enumerate(all_prompts)))
+    print(f"wrote {written} PNGs and prompts.txt to {out}")
     return 0
 
 

@@ -6,6 +6,8 @@ the cached) base network, evaluates the ``teacher`` floor and ``base_4step`` row
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import shutil
 import sys
@@ -79,15 +81,37 @@ def resolve(args) -> tuple[Config, RunFolder]:
 
 
 def check_supported(cfg: Config) -> None:
-    """What this release cannot run yet (and a device that is not there) fails before a run folder is made."""
-    resolve_device(cfg.device)
+    """What this release cannot run (and a device, model folder or prompt file that is not there) fails before a
+    run folder is made."""
+    device = resolve_device(cfg.device)
+    if cfg.model.kind == "toy" and cfg.model.lora_rank > 0:
+        raise ConfigError("config key 'model.lora_rank': the toy trains full parameters (set it to 0); "
+                          "LoRA is for model.kind sd3 / flux2")
     if cfg.model.kind != "toy":
-        raise ConfigError(f"config key 'model.kind': {cfg.model.kind!r} backbones are not built yet (only 'toy')")
-    if cfg.model.lora_rank > 0:
-        raise ConfigError("config key 'model.lora_rank': LoRA training comes with the real backbones; "
-                          "the toy trains full parameters (set it to 0)")
+        from .data import load_prompts
+        from .models.diffusion import check_model_paths
+        from .rewards import check_reward_specs
+
+        with user_errors():
+            check_model_paths(cfg.model, device)
+            load_prompts(cfg.data.train_prompts, key="data.train_prompts")
+            if cfg.data.eval_prompts:
+                load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
+            check_reward_specs(cfg)
     if cfg.distributed.strategy != "none":
         raise ConfigError("config key 'distributed.strategy': data-parallel training is not built yet (use 'none')")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A ``ValueError`` from loading the user's files (a wrong path, a folder that is not a model) is a user
+    error: one line and exit 2 through :func:`run_cli`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
 
 
 def stage1_checkpoint(run: RunFolder) -> Path | None:
@@ -101,7 +125,10 @@ def main(argv=None) -> int:
     cfg, run = resolve(args)
     device = resolve_device(cfg.device)
     log.info("run folder: %s (device %s)", run.path, device)
-    toy_main(cfg, run, device, args.stage)
+    if cfg.model.kind == "toy":
+        toy_main(cfg, run, device, args.stage)
+    else:
+        diffusion_main(cfg, run, device, args.stage)
     return 0
 
 
@@ -143,6 +170,60 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
     print(f"run folder: {run.path}")
 
 
+def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> None:
+    """A real backbone (SD3/SD3.5, FLUX.2-klein): the stages, then the generator exported as a diffusers LoRA
+    after each (``<run>/lora/stage1``, ``<run>/lora/stage2``: stage 1 + stage 2 combined)."""
+    from . import checkpoint as ck
+    from .data import load_prompts
+    from .models.diffusion import export_lora, load_core
+    from .rewards import build_rewards
+    from .stages import ac_dmd, rtdmd
+
+    with user_errors():
+        core = load_core(cfg.model, device)
+        prompts = load_prompts(cfg.data.train_prompts, key="data.train_prompts")
+    lines = []
+    for name in ["ac_dmd", "rtdmd"] if stage == "all" else [stage]:
+        if name == "ac_dmd":
+            state, teacher = ac_dmd.init_lora_state(core, cfg)
+            total = cfg.stage1.steps
+            make_loop = functools.partial(ac_dmd.Stage1, state, teacher, prompts, cfg, device)
+        else:
+            stage1 = stage1_checkpoint(run)
+            if stage1 is None:
+                raise ConfigError(f"stage 2 needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
+            s1_modules = ck.load_checkpoint(stage1).modules
+            state, teacher = rtdmd.init_lora_state(core, cfg, s1_modules)
+            total = cfg.stage2.steps
+            with user_errors():
+                rewards = build_rewards(cfg, device=device)
+            make_loop = functools.partial(rtdmd.Stage2, state, teacher, prompts, rewards, cfg, device)
+        run_or_resume(name, state, total, make_loop, cfg, run)
+        loras = [state.ema.state_dict()] if name == "ac_dmd" else [s1_modules["generator_ema"], state.ema.state_dict()]
+        out = export_lora(core, loras, cfg.model, run.path / "lora" / ("stage1" if name == "ac_dmd" else "stage2"))
+        run.update_summary(preset=cfg.preset, seconds={name: round(state.seconds, 2)})
+        lines.append(f"{name}: {total} {'steps' if name == 'ac_dmd' else 'epochs'} in {state.seconds:.0f} s; "
+                     f"generator LoRA (diffusers format): {out}")
+    print("\n".join(lines))
+    print(f"run folder: {run.path}")
+
+
+def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: RunFolder) -> None:
+    """Continue ``state`` from the run's newest checkpoint of its stage, train what is left, and keep a checkpoint
+    of an untrained (0-step) stage so that the next stage can start from it."""
+    from . import checkpoint as ck
+
+    latest = ck.latest_checkpoint(run.path, stage=state.STAGE)
+    if latest is not None:
+        state.load(latest)
+        log.info("%s: resuming from %s", name, latest.name)
+    state.trained_now = state.index < total or latest is None
+    if state.trained_now:
+        make_loop().run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress)
+        if total == 0:
+            state.save(run.path, cfg.stage1.keep_checkpoints if state.STAGE == 1 else cfg.stage2.keep_checkpoints)
+
+
 def log_rows(run: RunFolder, rows: dict[str, dict]) -> None:
     for name, row in rows.items():
         run.log({"stage": "eval", "step": 0, "row": name, **row})
@@ -151,7 +232,6 @@ def log_rows(run: RunFolder, rows: dict[str, dict]) -> None:
 def run_stage(name: str, cfg: Config, run: RunFolder, device: torch.device, world, base):
     """Stage ``name`` (``ac_dmd`` from the base network, ``rtdmd`` from the run's stage-1 result), or continued
     from the run's newest checkpoint of that stage; a finished stage is only loaded."""
-    from . import checkpoint as ck
     from .models.toy import ExactTeacher, build_network
     from .rewards import build_rewards
     from .stages import ac_dmd, rtdmd
@@ -161,23 +241,15 @@ def run_stage(name: str, cfg: Config, run: RunFolder, device: torch.device, worl
 
     teacher = ExactTeacher(world).to(device)
     if name == "ac_dmd":
-        state, total, keep = ac_dmd.init_state(base, cfg, build), cfg.stage1.steps, cfg.stage1.keep_checkpoints
-        make_loop = lambda: ac_dmd.Stage1(state, teacher, world.prompts(), cfg, device)
+        state, total = ac_dmd.init_state(base, cfg, build), cfg.stage1.steps
+        make_loop = lambda: ac_dmd.Stage1(state, teacher, world.prompts(), cfg, device)  # noqa: E731
     else:
         stage1 = stage1_checkpoint(run)
         if stage1 is None:
             raise ConfigError(f"stage 2 needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
-        state, total, keep = rtdmd.init_state(stage1, cfg, build), cfg.stage2.steps, cfg.stage2.keep_checkpoints
-        make_loop = lambda: rtdmd.Stage2(state, teacher, world.prompts(), build_rewards(cfg, world), cfg, device)
-    latest = ck.latest_checkpoint(run.path, stage=state.STAGE)
-    if latest is not None:
-        state.load(latest)
-        log.info("%s: resuming from %s", name, latest.name)
-    state.trained_now = state.index < total or latest is None
-    if state.trained_now:
-        make_loop().run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress)
-        if total == 0:
-            state.save(run.path, keep)  # a later stage starts from a checkpoint, even an untrained one
+        state, total = rtdmd.init_state(stage1, cfg, build), cfg.stage2.steps
+        make_loop = lambda: rtdmd.Stage2(state, teacher, world.prompts(), build_rewards(cfg, world), cfg, device)  # noqa: E731
+    run_or_resume(name, state, total, make_loop, cfg, run)
     return state
 
 

@@ -62,7 +62,17 @@ def test_round_trip_every_key(tmp_path):
     cfg = load_config(overrides=[
         "preset=mine", "seed=7", "device=cpu", "model.kind=sd3", "model.path=/m", "model.num_layers=3",
         "model.num_heads=4", "model.head_dim=16", "model.prompt_tokens=2", "model.text_dim=8", "model.pooled_dim=8",
-        "model.lora_rank=4", "model.lora_alpha=8", "toy.num_prompts=2", "toy.num_components=2",
+        "model.lora_rank=4", "model.lora_alpha=8", "model.generator_path=/g", "model.dtype=float32",
+        "model.resolution=64", "model.attention=xformers", "model.max_sequence_length=7",
+        "model.teacher_guidance=4.5", "model.gradient_checkpointing=false", "data.train_prompts=/p.txt",
+        "data.eval_prompts=/e.jsonl", "rewards.linear.kind=clipscore", "rewards.linear.processor_path=/pp",
+        "rewards.linear.tokenizer_path=/tp", "rewards.linear.clip_path=/cp", "rewards.binary.clip_path=/bc",
+        "rewards.linear.function=m:f", "rewards.linear.differentiable=true",
+        "rewards.binary.kind=hpsv2", "rewards.binary.processor_path=/bp", "rewards.binary.tokenizer_path=/bt",
+        "rewards.binary.function=b:g", "rewards.binary.differentiable=true",
+        "stage1.fake_gradient_checkpointing=false", "stage2.lora_init=peft", "stage2.fake_gradient_checkpointing=false",
+        "stage2.vae_checkpointing=false", "stage2.bp_batch_size=2", "stage2.decode_batch_size=2",
+        "stage2.sample_batch_size=3", "toy.num_prompts=2", "toy.num_components=2",
         "toy.latent_shape=[2,4,6]", "toy.data_seed=1", "toy.min_weight=0.2", "toy.std_range=[0.1,0.2]",
         "toy.teacher_guidance=2.5", "toy.n_eval=16", "toy.beta=0.5", "toy.beta_max=2", "toy.beta_step=0.25",
         "toy.base_steps=3", "toy.base_batch_size=8", "toy.base_lr=1e-4", "toy.base_cfg_dropout=0",
@@ -205,3 +215,19 @@ def test_section_hash():
     assert section_hash(dataclasses.replace(cfg.toy, latent_shape=[4, 8, 6])) != h
     assert section_hash({"toy": cfg.toy, "model": cfg.model}) == section_hash({"model": cfg.model, "toy": cfg.toy})
     assert section_hash(cfg) != section_hash(dataclasses.replace(cfg, seed=1))
+
+
+@pytest.mark.parametrize("preset,guidance,gen_lr", [("sd35m", 4.5, 3e-5), ("flux2_4b", 4.0, 1e-6)])
+def test_real_presets_write_every_key_and_need_their_paths(preset, guidance, gen_lr):
+    raw = yaml.safe_load((Path(__file__).parents[1] / "rtdmd" / "configs" / f"{preset}.yaml").read_text())
+    keys = {k for k in _leaves(config_to_dict(Config())) if not k.startswith(("toy.", "rewards."))}
+    assert keys - set(_leaves(raw)) == set()
+    with pytest.raises(ConfigError, match="'model.path' must be set"):
+        load_config(preset)
+    cfg = load_config(preset, overrides=["model.path=/m", "data.train_prompts=/p.txt"])
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.teacher_guidance) == (32, 64.0, guidance)
+    assert cfg.stage1.generator_lr == gen_lr and cfg.stage2.lr == 3e-6 and cfg.stage2.aux_weight == 0.001
+    assert sorted(cfg.rewards) == ["clipscore", "hpsv2", "pickscore"]
+    assert all(r.backprop and r.weight == 1.0 for r in cfg.rewards.values())
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        load_config(preset, overrides=["model.path=/m", "data.train_prompts=/p.txt", "model.lora_rank=0"])

@@ -39,7 +39,9 @@ class Backbone(nn.Module):
         """``v(x, σ | cond)`` with ``sigma`` a ``[B]`` tensor; returns a tensor shaped and typed like ``x``."""
         raise NotImplementedError
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, chunk: int = 0, checkpoint: bool = False) -> torch.Tensor:
+        """What rewards read: images ``[B, 3, H, W]`` in [0, 1] for image models (the toy: the latents).
+        ``chunk``/``checkpoint`` bound the memory of a VAE decode; backbones without one ignore them."""
         return latents
 
     def velocity_fn(self, cond: Cond):

@@ -23,7 +23,7 @@ import rtdmd_kernels as rk
 from .. import rng
 from ..models.base import Backbone
 from ..sampler import sample
-from ..schedule import sd3_sigmas, sigma_tensor
+from ..schedule import sigma_tensor
 from .common import (
     ModelEMA,
     StageState,
@@ -33,6 +33,8 @@ from .common import (
     generator_ac_dmd_loss,
     make_adamw,
     optimizer_step,
+    stage_sigmas,
+    teacher_guidance,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,19 @@ def init_state(base: Backbone, cfg, build_copy: Callable[[], Backbone]) -> Stage
                        fake_opt=make_adamw(fake.parameters(), s1.fake_lr, s1))
 
 
+def init_lora_state(core, cfg) -> tuple[Stage1State, Backbone]:
+    """A real backbone's stage 1 (SPEC §12.1): fresh LoRAs for the generator and the fake score on the shared
+    frozen base, the EMA as a shadow adapter; returns the state and the teacher (the base, adapters off)."""
+    from ..models.diffusion import stage1_models
+
+    s1 = cfg.stage1
+    generator, fake, teacher = stage1_models(core, cfg)
+    state = Stage1State(generator=generator, fake=fake, ema=ModelEMA(generator, s1.ema_decay, s1.ema_dtype),
+                        gen_opt=make_adamw(generator.parameters(), s1.generator_lr, s1),
+                        fake_opt=make_adamw(fake.parameters(), s1.fake_lr, s1))
+    return state, teacher
+
+
 class Stage1:
     """One AC-DMD training run over prompts ``prompts`` against ``teacher``."""
 
@@ -88,18 +103,38 @@ class Stage1:
         self.cfg = cfg
         self.s1 = cfg.stage1
         self.device = device
-        self.sigmas = sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift)
+        self.sigmas = stage_sigmas(cfg, state.generator)
         self.num_steps = len(self.sigmas) - 1
         self.eta = cfg.schedule.eta
         self.chain = DTYPES[self.s1.chain_dtype]
-        self.guidance = cfg.toy.teacher_guidance if cfg.model.kind == "toy" else 1.0
+        self.guidance = teacher_guidance(cfg)
         b = self.s1.batch_size
         self.indices = list(range(b))
-        # Balanced prompts: sample i of every step conditions on prompt i mod P.
-        self.prompts = [prompts[i % len(prompts)] for i in range(b)]
-        self.cond = teacher.encode(self.prompts)
-        self.gen_cond = state.generator.encode(self.prompts)
+        self.prompt_pool = list(prompts)
+        if not self.prompt_pool:
+            raise ValueError("stage 1 needs at least one prompt")
+        # The toy's few prompts are balanced (sample i conditions on prompt i mod P) and encoded once; a prompt
+        # data set is drawn per step (and per update) from the RNG contract.
+        self.fixed = cfg.model.kind == "toy"
+        if self.fixed:
+            self.prompts = [prompts[i % len(prompts)] for i in range(b)]
+            self.fixed_conds = self._encode(self.prompts)
+            self.cond, self.gen_cond = self.fixed_conds
         self.uncond = teacher.encode([""] * b) if self.guidance != 1.0 else None
+
+    def _encode(self, prompts):
+        """(teacher/fake conditioning, generator conditioning): the same text encoders, so usually one call."""
+        cond = self.teacher.encode(prompts)
+        core = getattr(self.teacher, "core", None)
+        shared = core is not None and getattr(self.s.generator, "core", None) is core
+        return cond, (cond if shared else self.s.generator.encode(prompts))
+
+    def _conds(self, name: str, step: int):
+        if self.fixed:
+            return self.fixed_conds
+        pick = rng.integers(self.cfg.seed, f"{STREAM}/{name}/prompts", step, 0, len(self.prompt_pool),
+                            size=len(self.indices))
+        return self._encode([self.prompt_pool[int(i)] for i in pick])
 
     # ------------------------------------------------------------------ pieces of one step
     def _stop(self, name: str, step: int) -> int:
@@ -118,11 +153,12 @@ class Stage1:
     def fake_update(self, step: int) -> dict[str, torch.Tensor]:
         stop = self._stop("fake", step)
         x_t, noises, sigmas, sigma_s = self._unroll_inputs("fake", step, stop)
-        x_s = sample(self.s.generator.velocity_fn(self.gen_cond), x_t, sigmas, eta=self.eta, noises=noises)
+        cond, gen_cond = self._conds("fake", step)
+        x_s = sample(self.s.generator.velocity_fn(gen_cond), x_t, sigmas, eta=self.eta, noises=noises)
         sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", step, self.indices, sigma_s,
                                self.s.generator.latent_shape, self.s1, device=self.device,
                                consistency=self.s1.consistency)
-        loss, stats = fake_score_objective(self.s.fake, x_s, sigma_s, self.gen_cond, sub, self.s1, eta=self.eta)
+        loss, stats = fake_score_objective(self.s.fake, x_s, sigma_s, gen_cond, sub, self.s1, eta=self.eta)
         loss.backward()
         stats["fake_grad_norm"] = optimizer_step(self.s.fake, self.s.fake_opt, self.s1.grad_clip)
         return stats
@@ -130,11 +166,12 @@ class Stage1:
     def generator_update(self, step: int) -> dict[str, torch.Tensor]:
         stop = self._stop("gen", step)
         x_t, noises, sigmas, sigma_s = self._unroll_inputs("gen", step, stop)
-        x_s = rk.checkpointed_rollout(self.s.generator.velocity_fn(self.gen_cond), x_t, sigmas, eta=self.eta,
+        cond, gen_cond = self._conds("gen", step)
+        x_s = rk.checkpointed_rollout(self.s.generator.velocity_fn(gen_cond), x_t, sigmas, eta=self.eta,
                                       noises=noises, grad_steps=1, checkpoint=self.s1.rollout_checkpoint)
         sub = draw_subinterval(self.cfg.seed, f"{STREAM}/gen", step, self.indices, sigma_s,
                                self.s.generator.latent_shape, self.s1, device=self.device, consistency=False)
-        loss, stats = generator_ac_dmd_loss(x_s, sigma_s, self.cond, self.uncond, self.teacher, self.s.fake, sub,
+        loss, stats = generator_ac_dmd_loss(x_s, sigma_s, cond, self.uncond, self.teacher, self.s.fake, sub,
                                             guidance=self.guidance, eta=self.eta)
         loss.backward()  # teacher and fake ran under no_grad: only the generator gets gradient
         stats["gen_grad_norm"] = optimizer_step(self.s.generator, self.s.gen_opt, self.s1.grad_clip)

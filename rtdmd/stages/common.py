@@ -22,6 +22,21 @@ from ..models.base import Backbone, Cond
 NUM_TRAIN_TIMESTEPS = 1000
 
 
+def stage_sigmas(cfg, model: Backbone) -> list[float]:
+    """The σ schedule of the config's denoising steps by the backbone's rule (SD3's static shift, FLUX.2's
+    dynamic shift; the toy is SD3-like)."""
+    rule = getattr(model, "sigmas", None)
+    if rule is not None:
+        return rule(cfg.schedule.denoising_steps, cfg.schedule.shift)
+    from ..schedule import sd3_sigmas
+
+    return sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift)
+
+
+def teacher_guidance(cfg) -> float:
+    return cfg.toy.teacher_guidance if cfg.model.kind == "toy" else cfg.model.teacher_guidance
+
+
 def chain_round(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """σ as the reference's chain stores it: rounded through ``dtype`` (bf16: 0.9 -> 0.8984375), kept in fp32."""
     return sigma.to(dtype).float()
@@ -138,7 +153,9 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float, dtype: str = "param"):
         self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # a LoRA view shadows its adapter with a second adapter on the shared base, not a copy of the model
+        shadow = model.ema_copy() if hasattr(model, "ema_copy") else copy.deepcopy(model)
+        self.module = shadow.eval().requires_grad_(False)
         self.fp32 = dtype == "float32"
         self._shadow = [p.detach().float().clone() for p in self.module.parameters()] if self.fp32 else None
 

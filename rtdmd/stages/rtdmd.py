@@ -30,8 +30,8 @@ from .. import checkpoint as ck
 from .. import rng
 from ..models.base import Backbone, cond_select
 from ..rewards import RewardMixture
-from ..sampler import rollout
-from ..schedule import sd3_sigmas, sigma_tensor
+from ..sampler import Rollout, rollout
+from ..schedule import sigma_tensor
 from .common import (
     ModelEMA,
     StageState,
@@ -39,6 +39,8 @@ from .common import (
     fake_score_objective,
     generator_ac_dmd_loss,
     optimizer_step,
+    stage_sigmas,
+    teacher_guidance,
 )
 
 log = logging.getLogger(__name__)
@@ -81,19 +83,32 @@ class Stage2State(StageState):
 
 def init_state(stage1_ckpt, cfg, build_copy: Callable[[], Backbone]) -> Stage2State:
     """Generator from stage 1's EMA weights, fake score from stage 1's fake score (SPEC §8; full parameters
-    for the toy — the LoRA merge + fresh adapter comes with the real backbones)."""
-    s2 = cfg.stage2
+    for the toy; real backbones use :func:`init_lora_state`)."""
     c = ck.load_checkpoint(stage1_ckpt)
     generator, fake = build_copy(), build_copy()
     generator.load_state_dict(c.modules["generator_ema"])
     fake.load_state_dict(c.modules["fake_score"])
     generator.train()
     fake.train()
+    return _state(generator, fake, cfg)
+
+
+def _state(generator: Backbone, fake: Backbone, cfg) -> Stage2State:
+    s2 = cfg.stage2
     adam = dict(betas=tuple(s2.adam_betas), eps=s2.adam_eps)
     return Stage2State(
         generator=generator, fake=fake, ema=ModelEMA(generator, s2.ema_decay, cfg.stage1.ema_dtype),
         gen_opt=torch.optim.AdamW(generator.parameters(), lr=s2.lr, weight_decay=s2.weight_decay, **adam),
         fake_opt=torch.optim.AdamW(fake.parameters(), lr=s2.fake_lr, weight_decay=0.0, **adam))
+
+
+def init_lora_state(core, cfg, stage1_modules: dict) -> tuple[Stage2State, Backbone]:
+    """A real backbone's stage 2 (SPEC §8): stage 1's EMA generator and fake-score LoRAs frozen under fresh
+    adapters (:func:`rtdmd.models.diffusion.stage2_models`); returns the state and the teacher."""
+    from ..models.diffusion import stage2_models
+
+    generator, fake, teacher = stage2_models(core, cfg, stage1_modules)
+    return _state(generator, fake, cfg), teacher
 
 
 @dataclass
@@ -122,11 +137,12 @@ class Stage2:
         self.cfg = cfg
         self.s1, self.s2 = cfg.stage1, cfg.stage2
         self.device = device
-        self.sigmas = sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift)
+        self.sigmas = stage_sigmas(cfg, state.generator)
         self.num_steps = len(self.sigmas) - 1
         self.eta = cfg.schedule.eta
-        self.guidance = cfg.toy.teacher_guidance if cfg.model.kind == "toy" else 1.0
+        self.guidance = teacher_guidance(cfg)
         self.shape = tuple(state.generator.latent_shape)
+        self.prompt_ids = {p: i for i, p in reversed(list(enumerate(self.all_prompts)))}  # first occurrence
 
     # ------------------------------------------------------------------ rollout
     def epoch_prompts(self, epoch: int) -> list[str]:
@@ -151,16 +167,26 @@ class Stage2:
             else:  # prompt-shared noise: removes this step's variance from the group's reward differences
                 noises.append(torch.stack([prompt_shared_noise(p, j, epoch, self.shape) for p in prompts])
                               .to(self.device))
+        noises = torch.stack(noises)
         gen = self.s.generator
         was_training = gen.training
         gen.eval()
+        chunk = self.s2.sample_batch_size or n  # the reference rolls out sample_batch_size at a time
+        parts = []
         try:
-            ro = rollout(gen.velocity_fn(gen.encode(prompts)), x_t, self.sigmas, eta=self.eta,
-                         noises=torch.stack(noises))
+            for start in range(0, n, chunk):
+                sl = slice(start, start + chunk)
+                parts.append(rollout(gen.velocity_fn(gen.encode(prompts[sl])), x_t[sl], self.sigmas, eta=self.eta,
+                                     noises=noises[:, sl]))
         finally:
             gen.train(was_training)
-        scores = self.rewards.score_all(self.s.generator.decode(ro.final), prompts)
-        group = torch.tensor([self.all_prompts.index(p) for p in prompts], device=self.device)
+        ro = parts[0] if len(parts) == 1 else Rollout(
+            trajectory=torch.cat([r.trajectory for r in parts]), log_probs=torch.cat([r.log_probs for r in parts]),
+            noises=torch.cat([r.noises for r in parts]), sigmas=parts[0].sigmas)
+        with torch.no_grad():
+            images = gen.decode(ro.final, chunk=self.s2.decode_batch_size)
+        scores = self.rewards.score_all(images, prompts)
+        group = torch.tensor([self.prompt_ids[p] for p in prompts], device=self.device)
         return EpochData(prompts, group, ro.latents, ro.next_latents, ro.log_probs, ro.noises, scores)
 
     # ------------------------------------------------------------------ the three updates
@@ -257,7 +283,8 @@ class Stage2:
                         add("aux_loss", l_aux, "last")
                     if s2.bp_scale > 0 and self.rewards.backprop_names:
                         x_bp = x_s if s2.bp_steps == 1 else self._rerun_last_steps(data, sub_rows, cond)
-                        r = self.rewards.backprop_score(gen.decode(x_bp), prompts)
+                        images = gen.decode(x_bp, chunk=s2.bp_batch_size, checkpoint=s2.vae_checkpointing)
+                        r = self.rewards.backprop_score(images, prompts)
                         l_bp = s2.bp_scale * torch.relu(s2.bp_margin - r).mean()
                         loss = loss + l_bp
                         add("bp_loss", l_bp, "last")

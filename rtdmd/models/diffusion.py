@@ -1,0 +1,358 @@
+"""Real backbones through diffusers: SD3 / SD3.5 and FLUX.2-klein (SPEC §1, §8, §10; issue 9).
+
+A :class:`DiffusionCore` loads a local diffusers pipeline folder with the stock ``from_pretrained`` (nothing is
+downloaded: ``local_files_only``) and owns what every trainer model shares: the text encoders (frozen), the VAE
+(frozen) and the frozen transformer(s) with their LoRA adapters (:mod:`rtdmd.models.lora`). The trainer's
+models are :class:`DiffusionBackbone` views on it — teacher (no adapter), fake score, generator and its EMA —
+so one base serves all of them. FLUX.2's generator starts from klein (``model.generator_path``) while the
+teacher and fake score use the base model, as the reference: that is a second transformer.
+
+Conditioning, timesteps and decoding are the stock pipelines' (their own encode helpers are called), with the
+reference's deviations: T5 ``max_length`` 128 for SD3 (SPEC §13.13); FLUX.2's timestep quantised through the
+model dtype (``bf16(1000σ)/1000``, §13.5); decoded images ``clamp(img/2 + 0.5, 0, 1)`` in float.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import rtdmd_kernels as rk
+
+from ..schedule import dynamic_shift_sigmas, flux2_empirical_mu, sd3_sigmas
+from .base import Backbone, Cond
+from .lora import SD3_TARGETS, LoraView, SharedTransformer, flux2_targets
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+#: the reference's text lengths (SPEC §1, §13.13): T5 128 for SD3 (the stock pipeline's 256 is not used), Qwen 512
+DEFAULT_TEXT_LENGTH = {"sd3": 128, "flux2": 512}
+FLUX2_TEXT_LAYERS = (9, 18, 27)
+
+
+def _require_folder(path: str | None, key: str) -> Path:
+    if not path:
+        raise ValueError(f"{key}: not set")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"{key}: no such folder: {p}")
+    if not (p / "model_index.json").is_file() and not (p / "config.json").is_file():
+        raise ValueError(f"{key}: {p} is not a diffusers folder (no model_index.json or config.json)")
+    return p
+
+
+class DiffusionCore:
+    """The shared, frozen parts of a real backbone and the model-specific conditioning and latent layout."""
+
+    kind: str = ""
+
+    def __init__(self, pipe, *, resolution: int, dtype: torch.dtype, device: torch.device,
+                 text_length: int, targets: Sequence[str]):
+        self.pipe = pipe
+        self.dtype = dtype
+        self.device = device
+        self.resolution = resolution
+        self.text_length = text_length
+        self.vae = pipe.vae.requires_grad_(False).eval()
+        self.base = SharedTransformer(pipe.transformer, targets)
+        self.generator_base = self.base  # FLUX.2 replaces it with klein
+        self._empty: Cond | None = None
+
+    # ------------------------------------------------------------------ what subclasses define
+    latent_shape: tuple[int, int, int]
+
+    def sigmas(self, denoising_steps: Sequence[int], shift: float) -> list[float]:
+        raise NotImplementedError
+
+    def _encode(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Text conditioning (frozen encoders, no gradient); the empty prompt's is cached (the CFG branch)."""
+        prompts = [str(p) for p in prompts]
+        if prompts and all(p == "" for p in prompts):
+            if self._empty is None:
+                self._empty = self._encode([""])
+            return {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self._empty.items()}
+        return self._encode(prompts)
+
+    def decode(self, latents: torch.Tensor, *, chunk: int = 0, checkpoint: bool = False) -> torch.Tensor:
+        """Images ``clamp(vae(x)/2 + 0.5, 0, 1)`` in float32, ``[B, 3, H, W]``; differentiable in ``latents``
+        (reward back-propagation, SPEC §7). ``chunk`` decodes that many at a time (0: all); ``checkpoint``
+        recomputes the decoder chunk by chunk in backward (``rk.checkpointed_decode``; ours — the reference keeps
+        the decoder's activations)."""
+        if latents.shape[0] == 0:
+            raise ValueError("decode: empty batch")
+
+        def run(z):
+            img = self.vae.decode(self.latents_to_vae(z).to(self.vae.dtype), return_dict=False)[0]
+            return (img.float() / 2 + 0.5).clamp(0, 1)
+
+        size = chunk or latents.shape[0]
+        if checkpoint and torch.is_grad_enabled():
+            return rk.checkpointed_decode(run, latents, size)
+        return torch.cat([run(z) for z in latents.split(size)])
+
+    def view(self, adapters: Sequence[str] = (), own: str | None = None, *, generator: bool = False,
+             block_checkpointing: bool = False) -> DiffusionBackbone:
+        """A trainer model on this core: ``adapters`` active, ``own`` the adapter its parameters are."""
+        shared = self.generator_base if generator else self.base
+        return DiffusionBackbone(self, shared, adapters, own, block_checkpointing=block_checkpointing)
+
+
+class SD3Core(DiffusionCore):
+    """SD3 / SD3.5: ``SD3Transformer2DModel``; CLIP-L + CLIP-G + T5 (``max_length`` 128); latents
+    ``[16, H/8, W/8]``; VAE input ``x / scaling + shift``; static shift (SPEC §1)."""
+
+    kind = "sd3"
+
+    def __init__(self, pipe, **kw):
+        super().__init__(pipe, targets=SD3_TARGETS, **kw)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.resolution % factor:
+            raise ValueError(f"model.resolution must be a multiple of the VAE factor {factor}, got {self.resolution}")
+        self.latent_shape = (pipe.transformer.config.in_channels, self.resolution // factor,
+                             self.resolution // factor)
+
+    def sigmas(self, denoising_steps, shift):
+        return sd3_sigmas(denoising_steps, shift)
+
+    def _encode(self, prompts):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.text_length)
+        return {"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
+
+    def velocity(self, transformer, x, sigma, cond):
+        out = transformer(hidden_states=x.to(self.dtype), timestep=sigma.float() * 1000,
+                          encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled"],
+                          return_dict=False)[0]
+        return out.to(x.dtype)
+
+    def latents_to_vae(self, latents):
+        c = self.vae.config
+        return latents / c.scaling_factor + (c.shift_factor or 0.0)
+
+
+class Flux2Core(DiffusionCore):
+    """FLUX.2-klein: ``Flux2Transformer2DModel``; Qwen3 hidden states of layers (9, 18, 27) over 512 tokens;
+    latents ``[4·C_vae, H/16, W/16]`` (2×2 patchified, batch-norm normalised), packed to tokens for the
+    transformer; timestep ``bf16(1000σ)/1000``; the dynamic (empirical-mu) shift with ``seq = H·W`` of the
+    patchified latent (SPEC §1). The generator's transformer is klein's (``model.generator_path``)."""
+
+    kind = "flux2"
+
+    def __init__(self, pipe, *, generator_transformer=None, **kw):
+        n_single = pipe.transformer.config.num_single_layers
+        super().__init__(pipe, targets=flux2_targets(n_single), **kw)
+        if generator_transformer is not None:
+            self.generator_base = SharedTransformer(generator_transformer, flux2_targets(n_single))
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) * 2
+        if self.resolution % factor:
+            raise ValueError(f"model.resolution must be a multiple of {factor} for FLUX.2, got {self.resolution}")
+        side = self.resolution // factor
+        self.latent_shape = (pipe.transformer.config.in_channels, side, side)
+
+    def sigmas(self, denoising_steps, shift):
+        seq = self.latent_shape[1] * self.latent_shape[2]
+        return [float(s) for s in dynamic_shift_sigmas(denoising_steps, flux2_empirical_mu(seq, len(denoising_steps)))]
+
+    def _encode(self, prompts):
+        embeds = self.pipe._get_qwen3_prompt_embeds(
+            self.pipe.text_encoder, self.pipe.tokenizer, prompts, dtype=self.dtype, device=self.device,
+            max_sequence_length=self.text_length, hidden_states_layers=FLUX2_TEXT_LAYERS)
+        return {"prompt_embeds": embeds, "text_ids": self.pipe._prepare_text_ids(embeds).to(self.device)}
+
+    def velocity(self, transformer, x, sigma, cond):
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, h * w).transpose(1, 2)  # the pipeline's packing: (h, w) row-major
+        img_ids = self.pipe._prepare_latent_ids(x).to(x.device)
+        t = (sigma.float() * 1000).to(transformer.dtype) / 1000  # the pipeline's bf16 quantisation (SPEC §13.5)
+        out = transformer(hidden_states=tokens.to(transformer.dtype), timestep=t, guidance=None,
+                          encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["text_ids"], img_ids=img_ids,
+                          return_dict=False)[0]
+        return out[:, : h * w].transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
+
+    def latents_to_vae(self, latents):
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(latents.device,
+                                                                                                latents.dtype)
+        return self.pipe._unpatchify_latents(latents * std + mean)
+
+
+class DiffusionBackbone(LoraView, Backbone):
+    """A trainer model on a :class:`DiffusionCore`: the shared base with ``adapters`` active. Its parameters
+    (optimizer, EMA, checkpoint) are adapter ``own``'s LoRA weights; none for the teacher."""
+
+    def __init__(self, core: DiffusionCore, shared: SharedTransformer, adapters: Sequence[str], own: str | None,
+                 *, block_checkpointing: bool = False):
+        super().__init__()
+        object.__setattr__(self, "core", core)
+        self._init_lora_view(shared, adapters, own)
+        self.block_checkpointing = block_checkpointing
+        self.latent_shape = core.latent_shape
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        return self.core.encode(prompts)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        with self.shared.active(self.adapters):
+            self.shared.set_block_checkpointing(self.block_checkpointing)
+            try:
+                return self.core.velocity(self.shared.module, x, sigma, cond)
+            finally:
+                self.shared.set_block_checkpointing(False)
+
+    def decode(self, latents: torch.Tensor, **kw) -> torch.Tensor:
+        return self.core.decode(latents, **kw)
+
+    def sigmas(self, denoising_steps: Sequence[int], shift: float) -> list[float]:
+        return self.core.sigmas(denoising_steps, shift)
+
+    def ema_copy(self) -> DiffusionBackbone:
+        """An EMA shadow: a new frozen adapter ``<own>_ema`` initialised to ``own``, used in place of it."""
+        if self.trainable_adapter is None:
+            raise ValueError("the teacher view has no weights to average")
+        name = f"{self.trainable_adapter}_ema"
+        rank, alpha = self.shared.ranks[self.trainable_adapter]
+        self.shared.add(name, rank, alpha, trainable=False)
+        ema = DiffusionBackbone(self.core, self.shared, [a if a != self.trainable_adapter else name
+                                                         for a in self.adapters], name)
+        ema.load_state_dict(self.state_dict())
+        return ema
+
+
+def check_model_paths(model_cfg, device: torch.device) -> None:
+    """The checks of :func:`load_core` that need no loading, run before a run folder is made."""
+    _require_folder(model_cfg.path, "model.path")
+    if model_cfg.generator_path:
+        if model_cfg.kind == "sd3":
+            raise ValueError("model.generator_path: SD3's generator starts from model.path (leave it null)")
+        _require_folder(model_cfg.generator_path, "model.generator_path")
+    if model_cfg.attention == "xformers" and device.type != "cuda":
+        raise ValueError("model.attention: xformers needs CUDA; use sdpa")
+
+
+def load_core(model_cfg, device: torch.device) -> DiffusionCore:
+    """Load ``model.path`` (and FLUX.2's ``model.generator_path``) with the stock diffusers classes, weights in
+    ``model.dtype`` on ``device``; one clear ``ValueError`` naming the key for a missing or wrong folder."""
+    import diffusers
+
+    check_model_paths(model_cfg, device)
+    kind = model_cfg.kind
+    dtype = DTYPES[model_cfg.dtype]
+    path = _require_folder(model_cfg.path, "model.path")
+    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux2": diffusers.Flux2KleinPipeline}[kind]
+    try:
+        pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"model.path: cannot load {path} as a {cls.__name__} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else e})") from e
+    pipe.to(device)
+    if model_cfg.attention == "xformers":
+        try:
+            pipe.transformer.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as e:
+            raise ValueError(f"model.attention: xformers is not usable here ({e})") from e
+    length = model_cfg.max_sequence_length or DEFAULT_TEXT_LENGTH[kind]
+    common = dict(resolution=model_cfg.resolution, dtype=dtype, device=device, text_length=length)
+    if kind == "sd3":
+        return SD3Core(pipe, **common)
+    gen = None
+    if model_cfg.generator_path:
+        gpath = _require_folder(model_cfg.generator_path, "model.generator_path")
+        sub = "transformer" if (gpath / "transformer").is_dir() else None
+        try:
+            gen = diffusers.Flux2Transformer2DModel.from_pretrained(gpath, subfolder=sub, dtype=dtype,
+                                                                    local_files_only=True).to(device)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.generator_path: cannot load a Flux2Transformer2DModel from {gpath} ({e})") from e
+        if model_cfg.attention == "xformers":
+            gen.enable_xformers_memory_efficient_attention()
+    return Flux2Core(pipe, generator_transformer=gen, **common)
+
+
+# ---------------------------------------------------------------------------------------------- stage models
+#: adapter names on the shared base(s); stage 2 keeps stage 1's as frozen, unmerged layers under its own
+S1_GENERATOR, S1_FAKE, S2_GENERATOR, S2_FAKE = "s1_generator", "s1_fake", "s2_generator", "s2_fake"
+
+
+def _rank_alpha(model_cfg) -> tuple[int, float]:
+    return model_cfg.lora_rank, model_cfg.lora_alpha or float(model_cfg.lora_rank)
+
+
+def stage1_models(core: DiffusionCore, cfg) -> tuple[DiffusionBackbone, DiffusionBackbone, DiffusionBackbone]:
+    """``(generator, fake score, teacher)`` of stage 1 (SPEC §12.1): fresh LoRAs (peft's gaussian init) on the
+    base — the generator's on klein for FLUX.2 — and the teacher as the base with every adapter off."""
+    rank, alpha = _rank_alpha(cfg.model)
+    core.generator_base.add(S1_GENERATOR, rank, alpha, trainable=True)
+    core.base.add(S1_FAKE, rank, alpha, trainable=True)
+    generator = core.view([S1_GENERATOR], S1_GENERATOR, generator=True,
+                          block_checkpointing=cfg.model.gradient_checkpointing)
+    fake = core.view([S1_FAKE], S1_FAKE, block_checkpointing=cfg.stage1.fake_gradient_checkpointing)
+    return generator, fake, core.view([])
+
+
+def _frozen_adapter(shared: SharedTransformer, name: str, rank: int, alpha: float, state) -> None:
+    from .lora import load_adapter_state
+
+    if name not in shared.ranks:
+        shared.add(name, rank, alpha, trainable=False)
+    shared.trainable.discard(name)
+    shared.refresh_requires_grad()
+    load_adapter_state(shared, name, state)
+
+
+def stage2_models(core: DiffusionCore, cfg, stage1_modules: dict) -> tuple[DiffusionBackbone, DiffusionBackbone,
+                                                                             DiffusionBackbone]:
+    """``(generator, fake score, teacher)`` of stage 2 (SPEC §8): stage 1's EMA generator LoRA and its fake-score
+    LoRA, frozen and *unmerged* (the reference merges them into the bf16 base: equal up to that rounding, and the
+    base stays shared), each with a fresh trainable adapter on top, initialised by ``stage2.lora_init``."""
+    rank, alpha = _rank_alpha(cfg.model)
+    _frozen_adapter(core.generator_base, S1_GENERATOR, rank, alpha, stage1_modules["generator_ema"])
+    _frozen_adapter(core.base, S1_FAKE, rank, alpha, stage1_modules["fake_score"])
+    core.generator_base.add(S2_GENERATOR, rank, alpha, trainable=True, init=cfg.stage2.lora_init)
+    core.base.add(S2_FAKE, rank, alpha, trainable=True, init=cfg.stage2.lora_init)
+    generator = core.view([S1_GENERATOR, S2_GENERATOR], S2_GENERATOR, generator=True,
+                          block_checkpointing=cfg.model.gradient_checkpointing)
+    fake = core.view([S1_FAKE, S2_FAKE], S2_FAKE, block_checkpointing=cfg.stage2.fake_gradient_checkpointing)
+    return generator, fake, core.view([])
+
+
+def export_lora(core: DiffusionCore, loras: Sequence[dict[str, torch.Tensor]], model_cfg, out_dir) -> Path:
+    """Write the generator as ONE diffusers LoRA (``pytorch_lora_weights.safetensors`` with its adapter metadata,
+    so the stock loader applies ``alpha/rank``, not 1): stage 1's EMA LoRA, or stage 1's and stage 2's combined
+    exactly (:func:`combine_loras`). ``pipe.load_lora_weights(out_dir)`` on the stock pipeline of the generator's
+    base (SD3.5: ``model.path``; FLUX.2: klein, ``model.generator_path``) reproduces our generator."""
+    import os
+    import shutil
+
+    from .lora import combine_loras
+
+    rank, alpha = _rank_alpha(model_cfg)
+    state, total_rank, total_alpha = combine_loras([(sd, alpha / rank) for sd in loras])
+    meta = core.generator_base.adapter_config(S1_GENERATOR)
+    meta.update(r=total_rank, lora_alpha=total_alpha, rank_pattern={}, alpha_pattern={})
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    type(core.pipe).save_lora_weights(tmp, transformer_lora_layers={k: v.contiguous() for k, v in state.items()},
+                                      transformer_lora_adapter_metadata=meta)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
