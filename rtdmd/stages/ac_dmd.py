@@ -29,6 +29,7 @@ from .common import (
     StageState,
     chain_round,
     draw_subinterval,
+    encode_for,
     fake_score_objective,
     generator_ac_dmd_loss,
     make_adamw,
@@ -125,9 +126,7 @@ class Stage1:
     def _encode(self, prompts):
         """(teacher/fake conditioning, generator conditioning): the same text encoders, so usually one call."""
         cond = self.teacher.encode(prompts)
-        core = getattr(self.teacher, "core", None)
-        shared = core is not None and getattr(self.s.generator, "core", None) is core
-        return cond, (cond if shared else self.s.generator.encode(prompts))
+        return cond, encode_for(self.s.generator, prompts, cond, like=self.teacher)
 
     def _conds(self, name: str, step: int):
         if self.fixed:

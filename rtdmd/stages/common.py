@@ -33,6 +33,15 @@ def stage_sigmas(cfg, model: Backbone) -> list[float]:
     return sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift)
 
 
+def encode_for(model: Backbone, prompts, cond: Cond | None = None, like: Backbone | None = None) -> Cond:
+    """``model``'s conditioning of ``prompts``, reusing ``cond`` (encoded by ``like``) when both models sit on the
+    same text encoders — the real backbones' views share one core, and a T5-XXL forward is not free."""
+    core = getattr(model, "core", None)
+    if cond is not None and core is not None and getattr(like, "core", None) is core:
+        return cond
+    return model.encode(prompts)
+
+
 def teacher_guidance(cfg) -> float:
     return cfg.toy.teacher_guidance if cfg.model.kind == "toy" else cfg.model.teacher_guidance
 

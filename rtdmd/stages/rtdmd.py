@@ -28,7 +28,7 @@ import rtdmd_kernels as rk
 
 from .. import checkpoint as ck
 from .. import rng
-from ..models.base import Backbone, cond_select
+from ..models.base import Backbone
 from ..rewards import RewardMixture
 from ..sampler import Rollout, rollout
 from ..schedule import sigma_tensor
@@ -36,6 +36,7 @@ from .common import (
     ModelEMA,
     StageState,
     draw_subinterval,
+    encode_for,
     fake_score_objective,
     generator_ac_dmd_loss,
     optimizer_step,
@@ -197,12 +198,12 @@ class Stage2:
         sigma_s = torch.zeros(n, device=self.device)
         sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, range(n), sigma_s, self.shape, self.s1,
                                device=self.device, consistency=self.s1.consistency)
-        cond = self.s.fake.encode(data.prompts)
         total = {}
         for start in range(0, n, self.s2.fake_batch_size):
             sl = slice(start, start + self.s2.fake_batch_size)
             chunk = sub.select(sl)
-            loss, stats = fake_score_objective(self.s.fake, x_s[sl], sigma_s[sl], cond_select(cond, sl), chunk,
+            cond = self.s.fake.encode(data.prompts[sl])  # per chunk: a real text encoder never sees the epoch
+            loss, stats = fake_score_objective(self.s.fake, x_s[sl], sigma_s[sl], cond, chunk,
                                                self.s1, eta=self.eta)
             frac = x_s[sl].shape[0] / n
             (loss * frac).backward()
@@ -274,7 +275,7 @@ class Stage2:
                                                torch.full((len(sub_rows),), sn, device=self.device), self.shape,
                                                self.s1, device=self.device, consistency=False)
                         l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(sub_rows),), sn, device=self.device),
-                                                         self.teacher.encode(prompts),
+                                                         encode_for(self.teacher, prompts, cond, like=gen),
                                                          self.teacher.encode([""] * len(prompts))
                                                          if self.guidance != 1.0 else None,
                                                          self.teacher, self.s.fake, sub, guidance=self.guidance,
