@@ -33,8 +33,11 @@ def _json_safe(value: Any) -> Any:
 
 
 class RunFolder:
-    def __init__(self, path: str | Path):
+    """A run folder. Under torchrun every rank holds one, but only rank 0's writes (``writer``)."""
+
+    def __init__(self, path: str | Path, *, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
 
     @classmethod
     def create(cls, out: str | Path | None, cfg: Config) -> RunFolder:
@@ -78,6 +81,8 @@ class RunFolder:
         """Append one line to ``metrics.jsonl`` (every record names its ``stage`` and ``step``)."""
         if "stage" not in record or "step" not in record:
             raise ValueError(f"metrics records need 'stage' and 'step', got keys {sorted(record)}")
+        if not self.writer:
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_json_safe(record)) + "\n")
 
@@ -94,6 +99,8 @@ class RunFolder:
                        seconds: dict[str, float] | None = None, stage: str | None = None) -> dict[str, Any]:
         """Merge evaluation rows and stage times into ``summary.json`` (atomic rewrite)."""
         s = self.summary()
+        if not self.writer:
+            return s
         s["preset"] = preset
         if stage is not None:
             s["stage"] = stage  # what --stage the run was started with (what --resume continues)

@@ -113,6 +113,19 @@ def generate(backbone, prompts: Sequence[str], *, sigmas: Sequence[float], eta: 
     indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(indices)} indices")
+    from .distributed import current
+
+    env = current()
+    if env.active:  # every rank samples its block (padded to equal sizes: FSDP needs the same calls everywhere)
+        per = -(-len(prompts) // env.world)
+        mine = [min(i, len(prompts) - 1) for i in range(env.rank * per, (env.rank + 1) * per)] if prompts else []
+        local = _generate_local(backbone, [prompts[i] for i in mine], [indices[i] for i in mine], sigmas, eta, seed,
+                                stream, step, batch_size, device)
+        return env.all_gather(local.to(env.device)).cpu()[: len(prompts)]
+    return _generate_local(backbone, list(prompts), indices, sigmas, eta, seed, stream, step, batch_size, device)
+
+
+def _generate_local(backbone, prompts, indices, sigmas, eta, seed, stream, step, batch_size, device) -> torch.Tensor:
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)

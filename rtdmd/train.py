@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import shutil
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+from .checkpoint import latest_checkpoint
 from .cli import ArgumentParser, resolve_device, run_cli
 from .config import Config, ConfigError, load_config
 from .run import RunFolder
@@ -67,17 +70,40 @@ def resolve(args) -> tuple[Config, RunFolder]:
         run = RunFolder.open(args.resume)
         cfg = run.load_config(overrides)
         check_supported(cfg)
+        env = join(cfg)
+        latest = latest_checkpoint(run.path)
+        if latest is not None:  # the per-rank sample split depends on the world size: resume on the same one
+            saved = json.loads((latest / "state.json").read_text()).get("world_size")
+            with user_errors():
+                distributed.check_resume_world(saved, env, f"--resume {run.path}")
         args.stage = args.stage or run.summary().get("stage", "all")
-        return cfg, run
+        return cfg, RunFolder(run.path, writer=env.main)
     args.stage = args.stage or "all"
     cfg = load_config(preset=args.preset or "toy", config_file=args.config, overrides=overrides)
     check_supported(cfg)
-    run = RunFolder.create(args.out, cfg)
-    if args.init is not None:  # the run gets its own copy of the stage-1 result: self-contained, resumable
-        src = stage1_checkpoint(RunFolder(args.init))
-        shutil.copytree(src, run.checkpoints / src.name)
-    run.update_summary(preset=cfg.preset, stage=args.stage)
-    return cfg, run
+    env = join(cfg)
+    # rank 0 makes the folder (its default name has a timestamp) and tells the others, or its error
+    made: tuple[str, str | None] = ("", None)
+    if env.main:
+        try:
+            run = RunFolder.create(args.out, cfg)
+            if args.init is not None:  # the run gets its own copy of the stage-1 result: self-contained
+                src = stage1_checkpoint(RunFolder(args.init))
+                shutil.copytree(src, run.checkpoints / src.name)
+            run.update_summary(preset=cfg.preset, stage=args.stage)
+            made = (str(run.path), None)
+        except ConfigError as e:
+            made = ("", str(e))
+    path, error = distributed.broadcast_object(env, made)
+    if error is not None:
+        raise ConfigError(error)
+    return cfg, RunFolder(path, writer=env.main)
+
+
+def join(cfg: Config) -> distributed.DistEnv:
+    """Join torchrun's process group when there is one (API.md §2.1); one process needs nothing."""
+    with user_errors():
+        return distributed.init(cfg.distributed.strategy, resolve_device(cfg.device))
 
 
 def check_supported(cfg: Config) -> None:
@@ -98,8 +124,6 @@ def check_supported(cfg: Config) -> None:
             if cfg.data.eval_prompts:
                 load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
             check_reward_specs(cfg)
-    if cfg.distributed.strategy != "none":
-        raise ConfigError("config key 'distributed.strategy': data-parallel training is not built yet (use 'none')")
 
 
 @contextlib.contextmanager
@@ -115,20 +139,25 @@ def user_errors():
 
 
 def stage1_checkpoint(run: RunFolder) -> Path | None:
-    from .checkpoint import latest_checkpoint
-
     return latest_checkpoint(run.path, stage=1)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg, run = resolve(args)
-    device = resolve_device(cfg.device)
-    log.info("run folder: %s (device %s)", run.path, device)
-    if cfg.model.kind == "toy":
-        toy_main(cfg, run, device, args.stage)
-    else:
-        diffusion_main(cfg, run, device, args.stage)
+    try:
+        cfg, run = resolve(args)
+        env = distributed.current()
+        device = env.device if env.active else resolve_device(cfg.device)
+        if not env.main:
+            logging.getLogger("rtdmd").setLevel(logging.WARNING)  # rank 0 speaks for the run
+        log.info("run folder: %s (device %s%s)", run.path, device,
+                 f", {env.world} processes, {env.strategy}" if env.active else "")
+        if cfg.model.kind == "toy":
+            toy_main(cfg, run, device, args.stage)
+        else:
+            diffusion_main(cfg, run, device, args.stage)
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -138,16 +167,22 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
     from .models.toy import build_world, pretrain_base
     from .plot import plot_toy_rows
 
+    env = distributed.current()
     start = time.perf_counter()
     world = build_world(cfg)
-    base, info = pretrain_base(world, cfg, device=device, log_fn=run.log, progress=cfg.log.progress)
+    if not env.main:
+        env.barrier()  # rank 0 pretrains (or loads) the base first; the others then find it in the cache
+    base, info = pretrain_base(world, cfg, device=device, log_fn=run.log, progress=cfg.log.progress and env.main)
+    if env.main:
+        env.barrier()
     seconds = {"base_pretraining": round(info["seconds"], 2)}
     log.info("base network: %s (%s)", "loaded from cache" if info["cached"] else "pretrained", info["path"])
 
     t = cfg.toy
     evaluator = ToyEvaluator(world, n_eval=t.n_eval, beta=t.beta, beta_max=t.beta_max, beta_step=t.beta_step,
                              seed=cfg.seed)
-    done = run.summary().get("eval", {})
+    # sampling is collective (each rank its block); the metrics are rank 0's
+    done = run.summary().get("eval", {}) if env.main else {"teacher": 0, "base_4step": 0, "ac_dmd": 0, "rtdmd": 0}
     rows, pictures = {}, {"teacher": evaluator.tilted_samples(0.0, "eval/teacher_b")}
     if "teacher" not in done:
         rows["teacher"] = evaluator.teacher_row()
@@ -162,12 +197,14 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
     for name in ["ac_dmd", "rtdmd"] if stage == "all" else [stage]:
         state = run_stage(name, cfg, run, device, world, base)
         pictures[name] = generate_samples(state.ema.module, evaluator, cfg, device)
-        rows = {} if name in done and not state.trained_now else {name: evaluator.row(pictures[name])}
+        trained = env.main and (name not in done or state.trained_now)
+        rows = {name: evaluator.row(pictures[name])} if trained else {}
         log_rows(run, rows)
         summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={name: round(state.seconds, 2)})
-    plot_toy_rows(world, evaluator.prompt_idx, pictures, run.path / "samples.png")
-    print(format_table(summary["eval"]))
-    print(f"run folder: {run.path}")
+    if env.main:
+        plot_toy_rows(world, evaluator.prompt_idx, pictures, run.path / "samples.png")
+        print(format_table(summary["eval"]))
+        print(f"run folder: {run.path}")
 
 
 def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> None:
@@ -179,11 +216,15 @@ def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str
     from .rewards import build_rewards
     from .stages import ac_dmd, rtdmd
 
+    env = distributed.current()
     with user_errors():
-        core = load_core(cfg.model, device)
         prompts = load_prompts(cfg.data.train_prompts, key="data.train_prompts")
-    lines = []
+    lines, core = [], None
     for name in ["ac_dmd", "rtdmd"] if stage == "all" else [stage]:
+        if core is None or env.strategy == "fsdp":  # FSDP2 shards what exists: stage 2's adapters need a fresh base
+            core = None
+            with user_errors():
+                core = load_core(cfg.model, device)
         if name == "ac_dmd":
             state, teacher = ac_dmd.init_lora_state(core, cfg)
             total = cfg.stage1.steps
@@ -199,13 +240,17 @@ def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str
                 rewards = build_rewards(cfg, device=device)
             make_loop = functools.partial(rtdmd.Stage2, state, teacher, prompts, rewards, cfg, device)
         run_or_resume(name, state, total, make_loop, cfg, run)
-        loras = [state.ema.state_dict()] if name == "ac_dmd" else [s1_modules["generator_ema"], state.ema.state_dict()]
-        out = export_lora(core, loras, cfg.model, run.path / "lora" / ("stage1" if name == "ac_dmd" else "stage2"))
+        ema = distributed.full_state(state.ema.state_dict())  # a collective under fsdp
+        loras = [ema] if name == "ac_dmd" else [s1_modules["generator_ema"], ema]
+        out = run.path / "lora" / ("stage1" if name == "ac_dmd" else "stage2")
+        if run.writer:
+            export_lora(core, loras, cfg.model, out)
         run.update_summary(preset=cfg.preset, seconds={name: round(state.seconds, 2)})
         lines.append(f"{name}: {total} {'steps' if name == 'ac_dmd' else 'epochs'} in {state.seconds:.0f} s; "
                      f"generator LoRA (diffusers format): {out}")
-    print("\n".join(lines))
-    print(f"run folder: {run.path}")
+    if run.writer:
+        print("\n".join(lines))
+        print(f"run folder: {run.path}")
 
 
 def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: RunFolder) -> None:
@@ -213,6 +258,7 @@ def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: Run
     of an untrained (0-step) stage so that the next stage can start from it."""
     from . import checkpoint as ck
 
+    distributed.current().prepare(state, cfg)  # wrap for ddp / fsdp before anything is loaded or trained
     latest = ck.latest_checkpoint(run.path, stage=state.STAGE)
     if latest is not None:
         state.load(latest)

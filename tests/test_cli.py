@@ -122,9 +122,9 @@ def test_sample_cli(finished_run, tmp_path):
     (["--resume", "no_such_dir"], "no_such_dir"),
     (["--seed", "-1"], "--seed"),
     (["--stage", "bogus"], "--stage"),
-    (["--set", "model.kind=sd3"], "model.kind"),
+    (["--set", "model.kind=sd3"], "model.path"),
     (["--set", "model.lora_rank=4"], "model.lora_rank"),
-    (["--set", "distributed.strategy=ddp"], "distributed.strategy"),
+    (["--set", "distributed.strategy=mpi"], "distributed.strategy"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
     assert train(*argv) == 2

@@ -66,9 +66,12 @@ def test_one_epoch_ratio_one_and_advantages(tmp_path):
     n = len(world.prompts()) * cfg.stage2.group_size
     assert data.latents.shape == (n, 4, 4, 8, 8) and data.rewards.shape == (n, 2)
     # the unselected stochastic step and the last step use the prompt-shared noise; the PPO steps do not
+    a = 0
+    b = next(i for i in range(1, n) if data.prompts[i] == data.prompts[a])  # the K-repeat order shuffles groups
     for j in range(4):
-        same = torch.equal(data.noises[0, j], data.noises[1, j])  # samples 0 and 1 share a prompt
+        same = torch.equal(data.noises[a, j], data.noises[b, j])
         assert same == (j not in ppo)
+    assert sorted(data.prompts) == sorted(p for p in world.prompts() for _ in range(cfg.stage2.group_size))
     # advantages: the reference's numpy tracker in its weighted multi-reward mode
     adv = loop.advantages(data)
     expect = reference.rtdmd_weighted_advantages(data.rewards.numpy(), np.array(data.prompts), loop.rewards.weights

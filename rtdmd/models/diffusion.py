@@ -220,6 +220,10 @@ class DiffusionBackbone(LoraView, Backbone):
     def decode(self, latents: torch.Tensor, **kw) -> torch.Tensor:
         return self.core.decode(latents, **kw)
 
+    def fsdp_root(self) -> nn.Module:
+        """What FSDP shards for this view: the shared base with all its adapters (once for all views)."""
+        return self.shared.module
+
     def sigmas(self, denoising_steps: Sequence[int], shift: float) -> list[float]:
         return self.core.sigmas(denoising_steps, shift)
 

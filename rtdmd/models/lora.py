@@ -170,11 +170,14 @@ class LoraView(nn.Module):
         return {k: p.detach() for k, p in self.named_parameters()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        from ..distributed import like_current
+
         own = dict(self.named_parameters())
         missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
         if strict and (missing or unexpected):
             raise ValueError(f"LoRA state of adapter {self.trainable_adapter!r} does not match: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        state_dict = like_current({k: v for k, v in state_dict.items() if k in own}, own)
         with torch.no_grad():
             for k, p in own.items():
                 if k in state_dict:
@@ -197,6 +200,9 @@ def load_adapter_state(shared: SharedTransformer, adapter: str, state: dict[str,
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise ValueError(f"LoRA state for adapter {adapter!r} does not match the model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]} (was it trained with another model.lora_rank or backbone?)")
+    from ..distributed import like_current
+
+    state = like_current(state, own)  # sharded adapters (fsdp) take their shards
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(state[k])

@@ -82,6 +82,9 @@ class ToyNetwork(Backbone):
         return _encode(self.world, prompts, self.prompt_embeds.device)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self(x, sigma, cond)  # through __call__, so module hooks (FSDP2's unshard) see every call
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         idx = cond["prompt"]
         idx = torch.where(idx == UNCONDITIONAL, self.world.num_prompts, idx)
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])

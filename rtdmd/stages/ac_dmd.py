@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 import rtdmd_kernels as rk
 
 from .. import rng
+from ..distributed import current
 from ..models.base import Backbone
 from ..sampler import sample
 from ..schedule import sigma_tensor
@@ -32,8 +33,10 @@ from .common import (
     encode_for,
     fake_score_objective,
     generator_ac_dmd_loss,
+    log_record,
     make_adamw,
     optimizer_step,
+    show_progress,
     stage_sigmas,
     teacher_guidance,
 )
@@ -110,7 +113,8 @@ class Stage1:
         self.chain = DTYPES[self.s1.chain_dtype]
         self.guidance = teacher_guidance(cfg)
         b = self.s1.batch_size
-        self.indices = list(range(b))
+        # this rank's block of the global batch (all of it on one process): the RNG contract draws by global index
+        self.indices = list(current().split(b, "stage1.batch_size"))
         self.prompt_pool = list(prompts)
         if not self.prompt_pool:
             raise ValueError("stage 1 needs at least one prompt")
@@ -118,10 +122,10 @@ class Stage1:
         # data set is drawn per step (and per update) from the RNG contract.
         self.fixed = cfg.model.kind == "toy"
         if self.fixed:
-            self.prompts = [prompts[i % len(prompts)] for i in range(b)]
+            self.prompts = [prompts[i % len(prompts)] for i in self.indices]
             self.fixed_conds = self._encode(self.prompts)
             self.cond, self.gen_cond = self.fixed_conds
-        self.uncond = teacher.encode([""] * b) if self.guidance != 1.0 else None
+        self.uncond = teacher.encode([""] * len(self.indices)) if self.guidance != 1.0 else None
 
     def _encode(self, prompts):
         """(teacher/fake conditioning, generator conditioning): the same text encoders, so usually one call."""
@@ -132,8 +136,8 @@ class Stage1:
         if self.fixed:
             return self.fixed_conds
         pick = rng.integers(self.cfg.seed, f"{STREAM}/{name}/prompts", step, 0, len(self.prompt_pool),
-                            size=len(self.indices))
-        return self._encode([self.prompt_pool[int(i)] for i in pick])
+                            size=self.s1.batch_size)  # the global batch's draw; this rank keeps its block
+        return self._encode([self.prompt_pool[int(pick[i])] for i in self.indices])
 
     # ------------------------------------------------------------------ pieces of one step
     def _stop(self, name: str, step: int) -> int:
@@ -190,7 +194,7 @@ class Stage1:
         and checkpointing every ``checkpoint_every`` steps and at the end when ``run_dir`` is given."""
         end = self.s1.steps if stop_at is None else min(stop_at, self.s1.steps)
         interval = self.cfg.log.interval
-        bar = tqdm(range(self.s.step, end), desc="stage 1 (AC-DMD)", disable=None if progress else True,
+        bar = tqdm(range(self.s.step, end), desc="stage 1 (AC-DMD)", disable=show_progress(progress),
                    leave=False, initial=self.s.step, total=end)
         t0 = time.perf_counter() - self.s.seconds
         for step in bar:
@@ -200,7 +204,7 @@ class Stage1:
             self.s.step = step + 1
             self.s.seconds = time.perf_counter() - t0
             if log_fn is not None and (step % interval == 0 or step + 1 == end):
-                record = {k: float(v) for k, v in {**self.s.stats, **stats}.items()}  # the only host syncs
+                record = log_record({**self.s.stats, **stats})
                 log_fn({"stage": "ac_dmd", "step": step, **record, "seconds": round(self.s.seconds, 2)})
             if run_dir is not None and (self.s.step % self.s1.checkpoint_every == 0 or self.s.step == end):
                 self.s.save(run_dir, self.s1.keep_checkpoints)

@@ -42,6 +42,28 @@ def encode_for(model: Backbone, prompts, cond: Cond | None = None, like: Backbon
     return model.encode(prompts)
 
 
+#: statistics that are norms over a rank's own samples: combined over ranks as sqrt(sum of squares), not averaged
+LOCAL_NORMS = ("dmd_grad_norm",)
+
+
+def log_record(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Statistics for a log line, over all ranks (a collective: every rank calls it at the same steps) — means,
+    and :data:`LOCAL_NORMS` as the norm over the whole batch — then the only host syncs of a step."""
+    from ..distributed import current
+
+    env = current()
+    squared = {k: (v.float() ** 2 if k in LOCAL_NORMS else v) for k, v in stats.items()}
+    out = env.mean(squared)
+    return {k: float((v * env.world).sqrt() if k in LOCAL_NORMS else v) for k, v in out.items()}
+
+
+def show_progress(progress: bool) -> bool | None:
+    """tqdm's ``disable``: rank 0 only (None = auto: off when not a terminal)."""
+    from ..distributed import current
+
+    return None if progress and current().main else True
+
+
 def teacher_guidance(cfg) -> float:
     return cfg.toy.teacher_guidance if cfg.model.kind == "toy" else cfg.model.teacher_guidance
 
@@ -148,7 +170,11 @@ def make_adamw(params, lr: float, cfg) -> torch.optim.AdamW:
 
 
 def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, clip: float) -> torch.Tensor:
-    """Clip the gradient norm (returned as a tensor: no host sync), step, and clear the gradients."""
+    """Average the gradients over ranks (``ddp``; FSDP did it in backward), clip the gradient norm (returned as a
+    tensor: no host sync), step, and clear the gradients."""
+    from ..distributed import current
+
+    current().sync_grads(model)
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -170,6 +196,9 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
+        from ..distributed import resharded
+
+        resharded(self.module, model)  # under fsdp: shard against shard
         w = 1 - (self.decay if decay is None else decay)
         pairs = zip(self.module.parameters(), model.parameters(), strict=True)
         if self.fp32:
@@ -197,9 +226,17 @@ class ModelEMA:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        from ..distributed import like_current
+
+        self.module.load_state_dict(like_current(state, self.module.state_dict()))
         if self.fp32:
-            self._shadow = [state[n].float().clone() for n, _ in self.module.named_parameters()]
+            current = dict(self.module.named_parameters())
+            self._shadow = [t.float().clone() for t in like_current({n: state[n] for n in current}, current).values()]
+
+    def reset_shadow(self) -> None:
+        """Re-take the float32 shadow from the module (after its parameters were replaced, e.g. sharded)."""
+        if self.fp32:
+            self._shadow = [p.detach().float().clone() for p in self.module.parameters()]
 
 
 @dataclass
@@ -226,21 +263,36 @@ class StageState:
         pass
 
     def save(self, run_dir, keep: int) -> None:
-        ck.save_checkpoint(
-            run_dir / "checkpoints" / ck.checkpoint_name(self.STAGE, self.index),
-            modules={"generator": self.generator.state_dict(), "generator_ema": self.ema.state_dict(),
-                     "fake_score": self.fake.state_dict()},
-            optimizers={"generator": self.gen_opt.state_dict(), "fake_score": self.fake_opt.state_dict()},
-            state={"stage": self.STAGE, self.COUNTER: self.index, "seconds": self.seconds, **self.extra_state()},
-        )
-        ck.prune_checkpoints(run_dir, keep)
+        """Every rank calls this (gathering sharded state is a collective); rank 0 writes the full state."""
+        from ..distributed import current, full_optimizer_state, full_state
+
+        env = current()
+        modules = {"generator": full_state(self.generator.state_dict()),
+                   "generator_ema": full_state(self.ema.state_dict()),
+                   "fake_score": full_state(self.fake.state_dict())}
+        optimizers = {"generator": full_optimizer_state(self.gen_opt),
+                      "fake_score": full_optimizer_state(self.fake_opt)}
+        if env.main:
+            ck.save_checkpoint(
+                run_dir / "checkpoints" / ck.checkpoint_name(self.STAGE, self.index), modules=modules,
+                optimizers=optimizers,
+                state={"stage": self.STAGE, self.COUNTER: self.index, "seconds": self.seconds,
+                       "world_size": env.world, **self.extra_state()},
+            )
+            ck.prune_checkpoints(run_dir, keep)
+        env.barrier()
 
     def load(self, path) -> None:
+        """Load a checkpoint (full state) into this state's current placement; the same world size as it was
+        saved with."""
+        from ..distributed import check_resume_world, current, like_current, load_optimizer_state
+
         c = ck.load_checkpoint(path)
-        self.generator.load_state_dict(c.modules["generator"])
-        self.fake.load_state_dict(c.modules["fake_score"])
+        check_resume_world(c.state.get("world_size"), current(), str(path))
+        self.generator.load_state_dict(like_current(c.modules["generator"], self.generator.state_dict()))
+        self.fake.load_state_dict(like_current(c.modules["fake_score"], self.fake.state_dict()))
         self.ema.load_state_dict(c.modules["generator_ema"])
-        self.gen_opt.load_state_dict(c.optimizers["generator"])
-        self.fake_opt.load_state_dict(c.optimizers["fake_score"])
+        load_optimizer_state(self.gen_opt, c.optimizers["generator"])
+        load_optimizer_state(self.fake_opt, c.optimizers["fake_score"])
         self.index, self.seconds = int(c.state[self.COUNTER]), float(c.state.get("seconds", 0.0))
         self.load_extra_state(c.state)

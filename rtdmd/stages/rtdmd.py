@@ -28,6 +28,7 @@ import rtdmd_kernels as rk
 
 from .. import checkpoint as ck
 from .. import rng
+from ..distributed import current, k_repeat_order
 from ..models.base import Backbone
 from ..rewards import RewardMixture
 from ..sampler import Rollout, rollout
@@ -39,7 +40,9 @@ from .common import (
     encode_for,
     fake_score_objective,
     generator_ac_dmd_loss,
+    log_record,
     optimizer_step,
+    show_progress,
     stage_sigmas,
     teacher_guidance,
 )
@@ -123,6 +126,7 @@ class EpochData:
     log_probs: torch.Tensor
     noises: torch.Tensor
     rewards: torch.Tensor
+    index: list[int] = field(default_factory=list)  # each row's global sample index (the RNG contract's)
     advantages: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
@@ -144,22 +148,31 @@ class Stage2:
         self.guidance = teacher_guidance(cfg)
         self.shape = tuple(state.generator.latent_shape)
         self.prompt_ids = {p: i for i, p in reversed(list(enumerate(self.all_prompts)))}  # first occurrence
+        self.env = current()
+        if self.s2.num_batches % self.env.world:
+            raise ValueError(f"stage2.num_batches ({self.s2.num_batches}, over all processes) must be a multiple "
+                             f"of the {self.env.world} processes")
+        self.local_batches = self.s2.num_batches // self.env.world
 
     # ------------------------------------------------------------------ rollout
     def epoch_prompts(self, epoch: int) -> list[str]:
-        """Every prompt K times (``prompts_per_epoch = 0``) or a seeded subset of prompts, K times each."""
+        """The K-repeat sampler (SPEC §5.2): every prompt (``prompts_per_epoch = 0``) or a seeded subset, each
+        exactly K times, in a seeded global order so that a group spreads over the ranks. The same list on
+        every rank (pure function of seed and epoch); sample ``i`` of the epoch is ``list[i]``."""
         m = self.s2.prompts_per_epoch or len(self.all_prompts)
         if m >= len(self.all_prompts):
             chosen = self.all_prompts
         else:
             perm = rng.integers(self.cfg.seed, f"{STREAM}/prompts_perm", epoch, 0, 2**31, size=len(self.all_prompts))
             chosen = [self.all_prompts[i] for i in sorted(range(len(self.all_prompts)), key=lambda i: perm[i])[:m]]
-        return [p for p in chosen for _ in range(self.s2.group_size)]
+        repeated = [p for p in chosen for _ in range(self.s2.group_size)]
+        return [repeated[i] for i in k_repeat_order(self.cfg.seed, epoch, len(repeated))]
 
     def collect(self, epoch: int, ppo_steps: list[int]) -> EpochData:
-        prompts = self.epoch_prompts(epoch)
+        everyone = self.epoch_prompts(epoch)
+        idx = self.env.split(len(everyone), "stage2 samples per epoch (prompts x group_size)")
+        prompts = [everyone[i] for i in idx]  # this rank's block; draws follow the global index
         n = len(prompts)
-        idx = range(n)
         x_t = rng.normal(self.cfg.seed, f"{STREAM}/x_T", epoch, idx, self.shape, device=self.device)
         noises = []
         for j in range(self.num_steps):
@@ -188,7 +201,7 @@ class Stage2:
             images = gen.decode(ro.final, chunk=self.s2.decode_batch_size)
         scores = self.rewards.score_all(images, prompts)
         group = torch.tensor([self.prompt_ids[p] for p in prompts], device=self.device)
-        return EpochData(prompts, group, ro.latents, ro.next_latents, ro.log_probs, ro.noises, scores)
+        return EpochData(prompts, group, ro.latents, ro.next_latents, ro.log_probs, ro.noises, scores, list(idx))
 
     # ------------------------------------------------------------------ the three updates
     def fake_update(self, data: EpochData, epoch: int) -> dict[str, torch.Tensor]:
@@ -196,7 +209,7 @@ class Stage2:
         x_s = data.next_latents[:, -1]
         n = x_s.shape[0]
         sigma_s = torch.zeros(n, device=self.device)
-        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, range(n), sigma_s, self.shape, self.s1,
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, data.index, sigma_s, self.shape, self.s1,
                                device=self.device, consistency=self.s1.consistency)
         total = {}
         for start in range(0, n, self.s2.fake_batch_size):
@@ -214,14 +227,18 @@ class Stage2:
 
     def advantages(self, data: EpochData) -> torch.Tensor:
         """The reference's weighted multi-reward mode (SPEC §5.3): per reward, prompt mean and global std
-        (ddof 0, +1e-4); weighted sum; re-standardised."""
-        return rk.group_advantages(data.rewards, data.group, num_groups=len(self.all_prompts), scale="global",
-                                   ddof=0, eps=1e-4, weights=self.rewards.weights, restandardize=True)
+        (ddof 0, +1e-4); weighted sum; re-standardised — over the rewards of every rank (gathered), of which
+        this rank keeps its block."""
+        rewards, group = self.env.all_gather(data.rewards), self.env.all_gather(data.group)
+        adv = rk.group_advantages(rewards, group, num_groups=len(self.all_prompts), scale="global",
+                                  ddof=0, eps=1e-4, weights=self.rewards.weights, restandardize=True)
+        n = data.rewards.shape[0]
+        return adv[self.env.rank * n: (self.env.rank + 1) * n]
 
     def select_rows(self, adv: torch.Tensor, epoch: int) -> torch.Tensor:
         """Zero-advantage filtering (SPEC §5.3): drop rows with advantage exactly 0; if all are dropped keep
         ``num_batches`` random rows; pad with random dropped rows to a multiple of ``num_batches``."""
-        nb = self.s2.num_batches
+        nb = self.local_batches
         n = adv.shape[0]
         order = torch.from_numpy(rng.integers(self.cfg.seed, f"{STREAM}/filter", epoch, 0, 2**62, size=n)).argsort()
         keep_mask = (adv != 0).cpu()
@@ -239,7 +256,7 @@ class Stage2:
         s2, gen = self.s2, self.s.generator
         last = self.num_steps - 1
         train_steps = sorted(set(ppo_steps) | {last})
-        n_sub = min(s2.num_batches, len(rows))
+        n_sub = min(self.local_batches, len(rows))
         calls = n_sub * len(train_steps)  # backward calls per optimizer step (the reference's 48)
         sums: dict[str, torch.Tensor] = {}
         per_call = {"ppo": n_sub * len(ppo_steps), "last": n_sub}  # averages over the calls that have the term
@@ -271,7 +288,8 @@ class Stage2:
                 if j == last:
                     x_s, _ = rk.cps_step(x_j, v, s, sn, eta=self.eta, noise=data.noises[sub_rows, j])
                     if s2.aux_weight > 0:
-                        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch, sub_rows.tolist(),
+                        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch,
+                                               [data.index[int(i)] for i in sub_rows],
                                                torch.full((len(sub_rows),), sn, device=self.device), self.shape,
                                                self.s1, device=self.device, consistency=False)
                         l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(sub_rows),), sn, device=self.device),
@@ -324,7 +342,7 @@ class Stage2:
     def run(self, *, log_fn: Callable[[dict], None] | None = None, run_dir=None, progress: bool = False,
             stop_at: int | None = None) -> Stage2State:
         end = self.s2.steps if stop_at is None else min(stop_at, self.s2.steps)
-        bar = tqdm(range(self.s.epoch, end), desc="stage 2 (RTDMD)", disable=None if progress else True,
+        bar = tqdm(range(self.s.epoch, end), desc="stage 2 (RTDMD)", disable=show_progress(progress),
                    leave=False, initial=self.s.epoch, total=end)
         t0 = time.perf_counter() - self.s.seconds
         for epoch in bar:
@@ -332,7 +350,7 @@ class Stage2:
             self.s.epoch = epoch + 1
             self.s.seconds = time.perf_counter() - t0
             if log_fn is not None and (epoch % max(1, self.cfg.log.interval // 10) == 0 or epoch + 1 == end):
-                log_fn({"stage": "rtdmd", "step": epoch, **{k: float(v) for k, v in stats.items()},
+                log_fn({"stage": "rtdmd", "step": epoch, **log_record(stats),
                         "seconds": round(self.s.seconds, 2)})
             if run_dir is not None and (self.s.epoch % self.s2.checkpoint_every == 0 or self.s.epoch == end):
                 self.s.save(run_dir, self.s2.keep_checkpoints)
