@@ -65,6 +65,11 @@ def schedule_value(name: str, value: Scalar, batch: int, device: torch.device) -
         if value.shape[0] != batch or value.numel() != batch:
             raise ValueError(f"{name} must be a float or a tensor of shape [B]={[batch]}, got {tuple(value.shape)}")
         return value.reshape(batch).to(dtype).contiguous()
+    if torch.compiler.is_compiling():
+        # Traced: a float argument of the compiled function turns symbolic once its value changes; host
+        # checks on it (isinstance, isfinite) would break the graph or specialize it (a recompile per
+        # value). As a [B] tensor it follows the tensor path and stays one graph.
+        return torch.ones(batch, dtype=torch.float32, device=device) * value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
     value = float(value)

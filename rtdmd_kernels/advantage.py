@@ -425,6 +425,8 @@ def group_advantages(
     w = _check_weights(weights, R, rewards.device)
     if num_groups is None:
         num_groups = int(group_ids.max()) + 1 if N else 0  # the one documented device sync
+        if N and torch.compiler.is_compiling():  # traced as a data-dependent int: tell the tracer it is >= 1
+            torch._check(num_groups >= 1, lambda: "group_ids must be >= 0 when num_groups is inferred")
     elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
         raise ValueError(f"num_groups must be None or an int >= 0, got {num_groups!r}")
     if N and num_groups == 0:

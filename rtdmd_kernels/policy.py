@@ -596,7 +596,7 @@ def _policy_run(v, args):
         x, x_next, v_ref, old, adv, sched, vals, kind, ppo, store, clip_range, adv_clip, kl_coef = args
         loss, logp, stats, *_ = _policy_forward_op(x, v, x_next, v_ref, old, adv, sched, vals, kind, ppo, store,
                                                    clip_range, adv_clip, kl_coef)
-        return loss, logp, stats
+        return loss, logp, stats.detach()  # constants, as in eager (indexing them in the graph made them require grad)
     return _PolicyFunction.apply(args, v)
 
 

@@ -103,8 +103,9 @@ def _grad_step_set(grad_steps: object, K: int) -> frozenset[int]:
 
 
 def _offload_context(offload: bool, device: torch.device):
-    """Saved tensors made inside go to (pinned) host memory; on CPU this packs nothing new."""
-    if not offload:
+    """Saved tensors made inside go to (pinned) host memory. On CPU this is a no-op: the tensors are in
+    host memory already (save_on_cpu would only copy them, and torch.compile cannot trace it)."""
+    if not offload or device.type == "cpu":
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
