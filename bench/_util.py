@@ -22,6 +22,7 @@ INTERPRET_WAS_SET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+from report import markdown_table  # noqa: E402, F401  (bench/report.py: the one table formatter, torch-free)
 
 import rtdmd_kernels as rk  # noqa: E402
 from rtdmd_kernels import reference  # noqa: E402
@@ -227,10 +228,12 @@ def warm_up(step, provider: str, what: str, warm: bool = True) -> None:
         raise
 
 
-def record(benchmark, *, op: str, provider: str, case: str, dtype: str, nbytes: int, device: str, main) -> None:
-    """The extra_info every benchmark carries (bench/conftest.py prints its tables from it)."""
-    info = {"op": op, "provider": provider, "case": case, "shape": shape_str(CASES[case]), "dtype": dtype,
-            "bytes": nbytes, "device": device,
+def record(benchmark, *, op: str, provider: str, case: str, dtype: str, nbytes: int, device: str, main,
+           mode: str) -> None:
+    """The extra_info every benchmark carries (bench/conftest.py and bench/report.py print their tables
+    from it); ``mode`` is ``fwd`` or ``fwd+bwd``: what is timed."""
+    info = {"op": op, "mode": mode, "provider": provider, "case": case, "shape": shape_str(CASES[case]),
+            "dtype": dtype, "bytes": nbytes, "device": device,
             "backend": rk.backend_for(main) if provider == "ours" else
             "eager" if provider == "reference" else "inductor"}
     if device == "cuda":
@@ -328,13 +331,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _child_peak_rss(op: str, provider: str, shape, dtype: str) -> dict:
-    """Runs in a fresh process: peak RSS increase of one fwd+bwd over the RSS with the inputs built."""
+def _child_peak_rss(op: str, provider: str, shape, dtype: str, factory: str | None = None) -> dict:
+    """Runs in a fresh process: peak RSS increase of one fwd+bwd over the RSS with the inputs built.
+
+    ``factory`` (``"module:function"``, a module in bench/) builds ``(step, input_bytes)`` from
+    ``(op, provider, shape, dtype)`` for ops outside ``OPS``."""
+    import importlib
     import resource
 
     torch.manual_seed(0)
-    inp = make_inputs(op, shape, DTYPES[dtype], "cpu")
-    step = make_step(provider_fn(op, provider), inp)
+    if factory:
+        mod, name = factory.split(":")
+        step, input_bytes = getattr(importlib.import_module(mod), name)(op, provider, tuple(shape), dtype)
+    else:
+        inp = make_inputs(op, shape, DTYPES[dtype], "cpu")
+        step, input_bytes = make_step(provider_fn(op, provider), inp), inp.nbytes()
     gc.collect()
     if reset_peak_rss() and proc_status_bytes("VmHWM") is not None:
         out = step()  # warm-up: one-time lazy initialisation stays out of the number
@@ -354,8 +365,8 @@ def _child_peak_rss(op: str, provider: str, shape, dtype: str) -> dict:
         out = step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
         method = "ru_maxrss delta"
-    return {"peak_bytes": max(int(peak), 0), "method": method, "input_bytes": inp.nbytes(),
-            "grad_bytes": out.numel() * out.element_size()}
+    return {"peak_bytes": max(int(peak), 0), "method": method, "input_bytes": input_bytes,
+            "grad_bytes": sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))}
 
 
 _CHILD = (
@@ -364,42 +375,17 @@ _CHILD = (
 )
 
 
-def cpu_peak_rss(op: str, provider: str, shape, dtype: str, timeout: float = 300) -> dict:
+def cpu_peak_rss(op: str, provider: str, shape, dtype: str, timeout: float = 300, factory: str | None = None) -> dict:
     """Peak RSS increase of one fwd+bwd in a fresh subprocess (glibc's mmap threshold is pinned so
-    freed large blocks go back to the OS and the peak is not hidden by a warm heap)."""
+    freed large blocks go back to the OS and the peak is not hidden by a warm heap); ``factory`` as in
+    ``_child_peak_rss``."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    args = json.dumps({"op": op, "provider": provider, "shape": list(shape), "dtype": dtype})
+    args = json.dumps({"op": op, "provider": provider, "shape": list(shape), "dtype": dtype, "factory": factory})
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(BENCH_DIR), args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("PEAK_RSS_JSON "):
             return json.loads(line[len("PEAK_RSS_JSON "):])
     raise RuntimeError(f"peak-RSS subprocess failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
-
-
-# ---------------------------------------------------------------------------------------------
-# tables
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "-"
-            a = abs(v)
-            if a >= 100:
-                return f"{v:.0f}"
-            if a >= 10:
-                return f"{v:.1f}"
-            if a >= 0.01 or a == 0:
-                return f"{v:.2f}"
-            return f"{v:.2e}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -6,7 +6,7 @@ CPU numbers are the torch path and the CUDA numbers the compiled Triton kernels.
 already imported with the interpreter on (``pytest tests/ bench/`` in one process), the benchmarks skip.
 
 After a benchmark run, a compact table is printed: op, provider, shape, dtype, median ms, GB/s of the
-floor traffic, speedup vs reference; then the peak-memory table.
+floor traffic, speedup vs reference (per mode: fwd, fwd+bwd); then the peak-memory table.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
     def key(info):
         case = info.get("case")
-        return (info["op"], cases.index(case) if case in cases else 99, info["shape"], info["dtype"])
+        return (info["op"], info.get("mode", ""), cases.index(case) if case in cases else 99, info["shape"],
+                info["dtype"], info.get("variant", ""))
 
     ref = {key(i): ms for i, ms in timing if i["provider"] == "reference" and ms}
     order = {"ours": 0, "reference": 1, "compiled": 2}
@@ -70,12 +71,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for info, ms in sorted(timing, key=lambda t: (key(t[0]), order.get(t[0]["provider"], 9))):
         gbps = info["bytes"] / (ms * 1e-3) / 1e9 if ms else None
         r = ref.get(key(info))
-        rows.append([info["op"], info["provider"], info["shape"], info["dtype"], ms, gbps,
+        rows.append([info["op"], info.get("mode", ""), info["provider"], info["shape"], info["dtype"], ms, gbps,
                      (r / ms) if (r and ms) else None])
     tw = terminalreporter
     if rows:
-        tw.write_sep("-", "rtdmd fwd+bwd (median; GB/s of floor bytes; x ref = reference / this)")
-        tw.write_line(bu.markdown_table(["op", "provider", "shape", "dtype", "median ms", "GB/s", "x ref"], rows))
+        tw.write_sep("-", "rtdmd ops (median; GB/s of floor bytes; x ref = reference / this; python -m bench.report "
+                          "adds the copy bandwidth and memory)")
+        tw.write_line(bu.markdown_table(["op", "mode", "provider", "shape", "dtype", "median ms", "GB/s", "x ref"],
+                                        rows))
     if memory:
         mrows = []
         for info, _ in sorted(memory, key=lambda t: (key(t[0]), order.get(t[0]["provider"], 9))):

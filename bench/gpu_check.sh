@@ -10,8 +10,8 @@
 #   dry run:     OUT=/tmp/gpucheck_dry PYTHON=/work/venv/bin/python bash bench/gpu_check.sh
 # Knobs (environment): PYTHON, GPU_CHECK_PYTEST_K (the -k expression), GPU_CHECK_PYTEST_EXTRA (extra
 # pytest args, word-split), GPU_CHECK_SKIP_PYTEST=1, GPU_CHECK_PYTEST_TIMEOUT (s, default 150),
-# GPU_CHECK_TIMEOUT (s, default 300), GPU_CHECK_BENCH=1 (also run `pytest bench/ --benchmark-only`;
-# GPU_CHECK_BENCH_TIMEOUT, default 300 s), GPU_CHECK_FAKE_TIMEOUT (s, default 150: gpu_fake_score_check.py),
+# GPU_CHECK_TIMEOUT (s, default 300), GPU_CHECK_REPORT=0 (skip `python -m bench.report`, the benchmark suite +
+# report.md; GPU_CHECK_REPORT_TIMEOUT, default 240 s), GPU_CHECK_FAKE_TIMEOUT (s, default 150: gpu_fake_score_check.py),
 # GPU_CHECK_COMPILE_BUDGET / GPU_CHECK_DEADLINE (seconds, read by gpu_check.py). Extra arguments are
 # passed to gpu_check.py (e.g. --dry-run, --no-compile, --cases flux2-1024-b24).
 set -uo pipefail
@@ -108,19 +108,22 @@ if [ "$HAVE_CUDA" = "1" ] && [ "${GPU_CHECK_ROLLOUT:-1}" = "1" ]; then
   ROLLOUT_RC=$?
 fi
 
-BENCH_RC=skipped
-if [ "${GPU_CHECK_BENCH:-0}" = "1" ]; then
+# The performance report (issue 11): the whole benchmark suite (every op fwd and fwd+bwd vs reference eager and
+# torch.compile(reference), memory, rollout, training step) + the machine's copy bandwidth, one table and
+# report.md for bench/RESULTS.md. GPU_CHECK_REPORT=0 skips it.
+REPORT_RC=skipped
+if [ "${GPU_CHECK_REPORT:-1}" = "1" ]; then
   echo
-  echo "== pytest bench/ --benchmark-only (t=$(( $(date +%s) - T_START ))s)"
-  timeout -k 10 "${GPU_CHECK_BENCH_TIMEOUT:-300}" "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-  BENCH_RC=$?
-  # only our compact tables (the full pytest-benchmark output is in bench.log)
-  sed -n '/^-* rtdmd /,$p' "$OUT/bench.log"
+  echo "== python -m bench.report (t=$(( $(date +%s) - T_START ))s)"
+  timeout -k 10 "${GPU_CHECK_REPORT_TIMEOUT:-240}" "$PY" -m bench.report --max-time 0.1 --min-rounds 3 \
+    --save-json "$OUT/bench.json" --markdown "$OUT/report.md" > "$OUT/report.log" 2>&1
+  REPORT_RC=$?
+  [ "$REPORT_RC" = "124" ] && echo "!! bench.report stopped by its timeout (${GPU_CHECK_REPORT_TIMEOUT:-240}s)"
 fi
 
 echo
-echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  grpo rc=$GRPO_RC  fake_score rc=$FAKE_RC  rollout rc=$ROLLOUT_RC  bench rc=$BENCH_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+echo "== done in $(( $(date +%s) - T_START ))s: pytest rc=$PYTEST_RC  gpu_check rc=$CHECK_RC  kernel_time rc=$KTIME_RC  grpo rc=$GRPO_RC  fake_score rc=$FAKE_RC  rollout rc=$ROLLOUT_RC  report rc=$REPORT_RC  (cuda=$HAVE_CUDA; files in $OUT)"
+[ -s "$OUT/report.md" ] && { echo; cat "$OUT/report.md"; }
 [ -s "$OUT/kernel_time.md" ] && { echo; cat "$OUT/kernel_time.md"; }
 [ -s "$OUT/rollout_memory.log" ] && { echo; sed -n '/^| K/,/^$/p' "$OUT/rollout_memory.log"; }
 [ -s "$OUT/grpo_check.log" ] && { echo; sed -n '/^\*\*/,$p' "$OUT/grpo_check.log"; }

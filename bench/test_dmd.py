@@ -23,6 +23,7 @@ def _info(op, provider, case, dtype, inp, **more):
     shape = bu.CASES[case]
     info = {
         "op": op,
+        "mode": "fwd+bwd",
         "provider": provider,
         "case": case,
         "shape": bu.shape_str(shape),

@@ -161,7 +161,7 @@ def test_fake_score(benchmark, op, provider, case, vdt):
     bu.warm_up(step, provider, f"reference.{op}", warm=not benchmark.disabled)
     benchmark.group = f"{op} {case} {'x' if op == 'renoise' else 'v'}={vdt}"
     bu.record(benchmark, op=op, provider=provider, case=case, dtype=vdt, nbytes=floor_bytes(op, shape, v_dtype),
-              device=DEVICE, main=c["x_s"])
+              device=DEVICE, main=c["x_s"], mode="fwd" if op == "renoise" else "fwd+bwd")
     out = benchmark(step)
     if op == "renoise":
         assert out.shape == shape and torch.isfinite(out).all()

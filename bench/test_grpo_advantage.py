@@ -87,7 +87,8 @@ def test_group_advantages(benchmark, n, mode, provider):
 
     benchmark.group = f"{OP} N={n} {mode}"
     info = {"op": OP, "provider": provider, "case": f"N{n}-{mode}", "shape": bu.shape_str(rewards.shape),
-            "dtype": "float32", "bytes": floor_bytes(n, mode), "device": DEVICE, "mode": mode,
+            "dtype": "float32", "bytes": floor_bytes(n, mode), "device": DEVICE, "mode": "fwd",
+            "variant": mode,
             "backend": bu.rk.backend_for(rewards) if provider == "ours" else "numpy"}
     if DEVICE == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

@@ -115,8 +115,10 @@ def test_policy(benchmark, op, provider, case, vdt):
     step = make_step(op, provider, c)
     bu.warm_up(step, provider, "reference", warm=not benchmark.disabled)
     benchmark.group = f"{op} {case} v={vdt}"
-    bu.record(benchmark, op=op, provider=provider, case=case, dtype=vdt, nbytes=floor_bytes(op, shape, v_dtype),
-              device=DEVICE, main=c["x"])
+    # cps_step here is the rollout step (cps_step + cps_logprob); bench/test_ops_forward.py times cps_step alone
+    bu.record(benchmark, op="cps_step+cps_logprob" if op == "cps_step" else op, provider=provider, case=case,
+              dtype=vdt, nbytes=floor_bytes(op, shape, v_dtype), device=DEVICE, main=c["x"],
+              mode="fwd" if op == "cps_step" else "fwd+bwd")
     out = benchmark(step)
     if op == "ppo_clip_loss":
         assert out.shape == shape and out.dtype == v_dtype and torch.isfinite(out).all()

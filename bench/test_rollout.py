@@ -43,7 +43,7 @@ def test_rollout_peak_memory(benchmark, tiny, mode, K):
     step, leaf = rm.make_step(model, x_T, enc, pooled, K, mode)
     benchmark.group = f"rollout memory tiny K={K} {DTYPE}"
     benchmark.extra_info.update({
-        "op": "checkpointed_rollout", "provider": mode, "case": f"tiny-K{K}",
+        "op": "checkpointed_rollout", "mode": "fwd+bwd", "provider": mode, "case": f"tiny-K{K}",
         "shape": bu.shape_str(res["shape"]) + f" K={K}", "dtype": DTYPE, "bytes": 0, "device": DEVICE,
         "kind": "memory", "peak_bytes": res["peak_bytes"], "input_bytes": res["latent_bytes"],
         "param_bytes": res["param_bytes"], "method": res["method"], "K": K,
