@@ -204,14 +204,16 @@ def full_state(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 def like_current(full: Mapping[str, torch.Tensor], current: Mapping[str, Any]) -> dict[str, Any]:
     """``full`` tensors redistributed to the placement of the matching ``current`` entries (DTensor or not)."""
+    return {k: _like(v, current.get(k)) for k, v in full.items()}
+
+
+def _like(full: Any, ref: Any) -> Any:
+    """``full`` distributed as ``ref`` when ``ref`` is a DTensor of the same global shape, else unchanged."""
+    if not (_is_dtensor(ref) and torch.is_tensor(full) and full.shape == ref.shape):
+        return full
     from torch.distributed.tensor import distribute_tensor
 
-    out = {}
-    for k, v in full.items():
-        cur = current.get(k)
-        out[k] = distribute_tensor(v.to(cur.device, cur.dtype), cur.device_mesh, cur.placements) \
-            if _is_dtensor(cur) else v
-    return out
+    return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
 
 
 def full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -223,10 +225,7 @@ def full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
 def load_optimizer_state(opt: torch.optim.Optimizer, sd: Mapping[str, Any]) -> None:
     """Load a full optimizer state into ``opt``, redistributing per-parameter tensors like the parameters."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    state = {}
-    for i, s in sd["state"].items():
-        p = params[int(i)]
-        state[i] = like_current(s, {k: p for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape})
+    state = {i: {k: _like(v, params[int(i)]) for k, v in s.items()} for i, s in sd["state"].items()}
     opt.load_state_dict({**sd, "state": state})
 
 

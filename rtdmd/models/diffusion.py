@@ -240,15 +240,27 @@ class DiffusionBackbone(LoraView, Backbone):
         return ema
 
 
-def check_model_paths(model_cfg, device: torch.device) -> None:
-    """The checks of :func:`load_core` that need no loading, run before a run folder is made."""
-    _require_folder(model_cfg.path, "model.path")
+def _set_attention(transformer: nn.Module, attention: str) -> None:
+    """``model.attention``: sdpa is diffusers' default; xformers (optional, CUDA) replaces it."""
+    if attention != "xformers":
+        return
+    try:
+        transformer.enable_xformers_memory_efficient_attention()
+    except (ImportError, ModuleNotFoundError, ValueError) as e:
+        raise ValueError(f"model.attention: xformers is not usable here ({e})") from e
+
+
+def check_model_paths(model_cfg, device: torch.device) -> Path:
+    """The checks of :func:`load_core` that need no loading, run before a run folder is made; returns the
+    model folder."""
+    path = _require_folder(model_cfg.path, "model.path")
     if model_cfg.generator_path:
         if model_cfg.kind == "sd3":
             raise ValueError("model.generator_path: SD3's generator starts from model.path (leave it null)")
         _require_folder(model_cfg.generator_path, "model.generator_path")
     if model_cfg.attention == "xformers" and device.type != "cuda":
         raise ValueError("model.attention: xformers needs CUDA; use sdpa")
+    return path
 
 
 def load_core(model_cfg, device: torch.device) -> DiffusionCore:
@@ -256,10 +268,9 @@ def load_core(model_cfg, device: torch.device) -> DiffusionCore:
     ``model.dtype`` on ``device``; one clear ``ValueError`` naming the key for a missing or wrong folder."""
     import diffusers
 
-    check_model_paths(model_cfg, device)
+    path = check_model_paths(model_cfg, device)
     kind = model_cfg.kind
     dtype = DTYPES[model_cfg.dtype]
-    path = _require_folder(model_cfg.path, "model.path")
     cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux2": diffusers.Flux2KleinPipeline}[kind]
     try:
         pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -267,11 +278,7 @@ def load_core(model_cfg, device: torch.device) -> DiffusionCore:
         raise ValueError(f"model.path: cannot load {path} as a {cls.__name__} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else e})") from e
     pipe.to(device)
-    if model_cfg.attention == "xformers":
-        try:
-            pipe.transformer.enable_xformers_memory_efficient_attention()
-        except (ImportError, ModuleNotFoundError, ValueError) as e:
-            raise ValueError(f"model.attention: xformers is not usable here ({e})") from e
+    _set_attention(pipe.transformer, model_cfg.attention)
     length = model_cfg.max_sequence_length or DEFAULT_TEXT_LENGTH[kind]
     common = dict(resolution=model_cfg.resolution, dtype=dtype, device=device, text_length=length)
     if kind == "sd3":
@@ -285,8 +292,7 @@ def load_core(model_cfg, device: torch.device) -> DiffusionCore:
                                                                     local_files_only=True).to(device)
         except (OSError, ValueError) as e:
             raise ValueError(f"model.generator_path: cannot load a Flux2Transformer2DModel from {gpath} ({e})") from e
-        if model_cfg.attention == "xformers":
-            gen.enable_xformers_memory_efficient_attention()
+        _set_attention(gen, model_cfg.attention)
     return Flux2Core(pipe, generator_transformer=gen, **common)
 
 

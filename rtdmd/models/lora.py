@@ -52,6 +52,9 @@ class SharedTransformer:
         self.targets = tuple(targets)
         self.ranks: dict[str, tuple[int, float]] = {}
         self.trainable: set[str] = set()
+        self._layers: list[nn.Module] | None = None  # the LoRA layers, found once per adapter added
+        # the modules that read a `gradient_checkpointing` flag (found once: every velocity call sets it)
+        self._ckpt_modules = [m for m in transformer.modules() if hasattr(m, "gradient_checkpointing")]
         if getattr(transformer, "_supports_gradient_checkpointing", False):
             transformer.enable_gradient_checkpointing(gradient_checkpointing_func=self._checkpoint)
             self.set_block_checkpointing(False)
@@ -74,6 +77,7 @@ class SharedTransformer:
         with warnings.catch_warnings():  # several adapters on one model is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             self.module.add_adapter(config, adapter_name=name)
+        self._layers = None
         self._set_active_state(before)
         self.ranks[name] = (rank, float(alpha))
         if trainable:
@@ -100,9 +104,11 @@ class SharedTransformer:
         return self.module.peft_config[adapter].to_dict()
 
     def lora_layers(self) -> list[nn.Module]:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
 
-        return [m for m in self.module.modules() if isinstance(m, BaseTunerLayer)]
+            self._layers = [m for m in self.module.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
 
     def _active_state(self) -> tuple[tuple[str, ...], bool] | None:
         layers = self.lora_layers()
@@ -132,9 +138,8 @@ class SharedTransformer:
 
     # ------------------------------------------------------------------ block checkpointing
     def set_block_checkpointing(self, enable: bool) -> None:
-        for m in self.module.modules():
-            if hasattr(m, "gradient_checkpointing"):
-                m.gradient_checkpointing = enable
+        for m in self._ckpt_modules:
+            m.gradient_checkpointing = enable
 
     def _checkpoint(self, block, *args):
         state = self._active_state()  # the adapters of this forward, restored when backward recomputes it

@@ -265,8 +265,9 @@ class Stage2:
             sums[k] = sums.get(k, 0) + v.detach() / per_call[where]
 
         for b, sub_rows in enumerate(torch.tensor_split(rows, n_sub)):
+            row_list = sub_rows.tolist()  # rows live on the host: read them there, before the move (no syncs)
             sub_rows = sub_rows.to(self.device)
-            prompts = [data.prompts[int(i)] for i in sub_rows]
+            prompts = [data.prompts[i] for i in row_list]
             cond = gen.encode(prompts)
             adv = data.advantages[sub_rows]
             for j in train_steps:
@@ -289,7 +290,7 @@ class Stage2:
                     x_s, _ = rk.cps_step(x_j, v, s, sn, eta=self.eta, noise=data.noises[sub_rows, j])
                     if s2.aux_weight > 0:
                         sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch,
-                                               [data.index[int(i)] for i in sub_rows],
+                                               [data.index[i] for i in row_list],
                                                torch.full((len(sub_rows),), sn, device=self.device), self.shape,
                                                self.s1, device=self.device, consistency=False)
                         l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(sub_rows),), sn, device=self.device),
