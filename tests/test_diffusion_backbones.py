@@ -79,7 +79,7 @@ def tiny_config(folders, kind: str, tmp_path: Path, extra: dict | None = None) -
     return path
 
 
-def setup(folders, kind, tmp_path, extra=None):
+def load_tiny(folders, kind, tmp_path, extra=None):
     cfg = load_config(config_file=tiny_config(folders, kind, tmp_path, extra))
     core = load_core(cfg.model, CPU)
     return cfg, core
@@ -92,7 +92,7 @@ def base_params(core):
 
 
 def stage1_checkpoint(folders, kind, tmp_path):
-    cfg, core = setup(folders, kind, tmp_path)
+    cfg, core = load_tiny(folders, kind, tmp_path)
     state, teacher = ac_dmd.init_lora_state(core, cfg)
     ac_dmd.Stage1(state, teacher, list(PROMPTS), cfg, CPU).run(run_dir=tmp_path / "run")
     return cfg, core, state, ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "run", stage=1)).modules
@@ -101,7 +101,7 @@ def stage1_checkpoint(folders, kind, tmp_path):
 # ---------------------------------------------------------------------------------------------- the stages
 @pytest.mark.parametrize("kind", ["sd3", "flux2"])
 def test_one_stage1_step_trains_only_the_loras(folders, kind, tmp_path):
-    cfg, core = setup(folders, kind, tmp_path)
+    cfg, core = load_tiny(folders, kind, tmp_path)
     state, teacher = ac_dmd.init_lora_state(core, cfg)
     assert (core.generator_base is core.base) == (kind == "sd3")  # FLUX.2's generator starts from klein
     frozen = base_params(core)
@@ -166,7 +166,7 @@ def test_reward_gradient_reaches_the_generator_lora(folders, tmp_path):
 def test_block_checkpointing_recomputes_under_the_adapters_of_the_forward(folders, tmp_path):
     """A checkpointed generator block is recomputed in backward after the fake score ran with other adapters:
     the gradient must still be the generator's."""
-    cfg, core = setup(folders, "sd3", tmp_path)
+    cfg, core = load_tiny(folders, "sd3", tmp_path)
     state, _ = ac_dmd.init_lora_state(core, cfg)
     with torch.no_grad():
         for _, p in state.generator.named_parameters():
@@ -188,7 +188,7 @@ def test_block_checkpointing_recomputes_under_the_adapters_of_the_forward(folder
 
 def test_shared_base_memory_is_lora_only(folders, tmp_path):
     """Generator, EMA, fake score and teacher hold one base: what training adds is the LoRA weights."""
-    cfg, core = setup(folders, "sd3", tmp_path)
+    cfg, core = load_tiny(folders, "sd3", tmp_path)
     n_base = sum(p.numel() for k, p in core.base.module.named_parameters() if "lora_" not in k)
     state, _ = ac_dmd.init_lora_state(core, cfg)
     n_lora = sum(p.numel() for k, p in core.base.module.named_parameters() if "lora_" in k)
@@ -213,7 +213,7 @@ def test_lora_round_trip_into_the_stock_pipeline(folders, kind, tmp_path):
 
     from rtdmd.scheduler import CPSScheduler
 
-    cfg, core = setup(folders, kind, tmp_path)
+    cfg, core = load_tiny(folders, kind, tmp_path)
     s1_state, _ = ac_dmd.init_lora_state(core, cfg)
     _perturb(s1_state.generator, 1)
     s1 = {"generator_ema": s1_state.generator.state_dict(), "fake_score": s1_state.fake.state_dict()}
@@ -308,7 +308,7 @@ def test_a_folder_that_is_not_a_pipeline_is_one_line(folders, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- conditioning
 def test_sd3_conditioning_uses_the_references_t5_length(folders, tmp_path):
-    _, core = setup(folders, "sd3", tmp_path)
+    _, core = load_tiny(folders, "sd3", tmp_path)
     cond = core.encode(PROMPTS[:3])
     assert cond["prompt_embeds"].shape[:2] == (3, 77 + 128)  # CLIP 77 + T5 128 (SPEC §13.13), not 77 + 256
     assert cond["pooled"].shape[0] == 3

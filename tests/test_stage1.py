@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stage_checks import assert_resume_equals_straight
 
 import rtdmd_kernels as rk
 from rtdmd import checkpoint as ck
@@ -123,12 +124,7 @@ def test_resume_mid_run_equals_uninterrupted(cache, tmp_path):
     resumed.load(ck.latest_checkpoint(tmp_path / "b", stage=1))
     assert resumed.step == 4
     loop_c.run(log_fn=logs_b.append, run_dir=tmp_path / "b")
-    for m_a, m_c in [(straight.generator, resumed.generator), (straight.fake, resumed.fake),
-                     (straight.ema.module, resumed.ema.module)]:
-        for a, c in zip(m_a.state_dict().values(), m_c.state_dict().values(), strict=True):
-            assert torch.equal(a, c)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in logs_a]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in logs_b]
+    assert_resume_equals_straight(straight, resumed, logs_a, logs_b)
     assert [p.name for p in ck.list_checkpoints(tmp_path / "b")] == ["stage1-step-4", "stage1-step-8"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stage_checks import assert_resume_equals_straight
 
 import rtdmd_kernels as rk
 from rtdmd import checkpoint as ck
@@ -119,12 +120,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     resumed.load(ck.latest_checkpoint(tmp_path / "b", stage=2))
     assert resumed.epoch == 2
     loop_c.run(log_fn=logs_b.append, run_dir=tmp_path / "b")
-    for m_a, m_c in [(straight.generator, resumed.generator), (straight.fake, resumed.fake),
-                     (straight.ema.module, resumed.ema.module)]:
-        for a, c in zip(m_a.state_dict().values(), m_c.state_dict().values(), strict=True):
-            assert torch.equal(a, c)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in logs_a]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in logs_b]
+    assert_resume_equals_straight(straight, resumed, logs_a, logs_b)
 
 
 @pytest.mark.slow

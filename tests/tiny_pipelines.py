@@ -80,6 +80,13 @@ def _vae_blocks(encoder: bool) -> tuple[str, ...]:
     return (name,) * len(_VAE_BLOCKS)
 
 
+def _vae_kwargs(latent_channels: int) -> dict:
+    """What the SD3 and FLUX.2 tiny VAEs share: 4 blocks (factor 8), 1 layer each, 64 px samples."""
+    return dict(in_channels=3, out_channels=3, down_block_types=_vae_blocks(encoder=True),
+                up_block_types=_vae_blocks(encoder=False), block_out_channels=_VAE_BLOCKS, layers_per_block=1,
+                norm_num_groups=_VAE_GROUPS, latent_channels=latent_channels, sample_size=64)
+
+
 def _clip_text_encoder(width: int, vocab_size: int, bos: int, eos: int, act: str):
     """A 2-layer CLIP text tower: 2 layers so ``hidden_states[-2]`` (SD3's penultimate layer) is a real layer.
 
@@ -165,15 +172,7 @@ def build_tiny_sd3(path: str | Path, *, seed: int = 0) -> Path:
         _perturb_constant_parameters(transformer)
     with _seeded(seed, "sd3/vae"):
         vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=_vae_blocks(encoder=True),
-            up_block_types=_vae_blocks(encoder=False),
-            block_out_channels=_VAE_BLOCKS,
-            layers_per_block=1,
-            norm_num_groups=_VAE_GROUPS,
-            latent_channels=SD3_LATENT_CHANNELS,
-            sample_size=64,
+            **_vae_kwargs(SD3_LATENT_CHANNELS),
             scaling_factor=SD3_SCALING_FACTOR,
             shift_factor=SD3_SHIFT_FACTOR,
             use_quant_conv=False,
@@ -259,15 +258,7 @@ def build_tiny_flux2_klein(path: str | Path, *, variant: str = "klein", seed: in
         _perturb_constant_parameters(transformer)
     with _seeded(seed, "flux2/vae"):
         vae = AutoencoderKLFlux2(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=_vae_blocks(encoder=True),
-            up_block_types=_vae_blocks(encoder=False),
-            block_out_channels=_VAE_BLOCKS,
-            layers_per_block=1,
-            norm_num_groups=_VAE_GROUPS,
-            latent_channels=FLUX2_LATENT_CHANNELS,
-            sample_size=64,
+            **_vae_kwargs(FLUX2_LATENT_CHANNELS),
             patch_size=(2, 2),
         )
         _perturb_constant_parameters(vae)
