@@ -19,18 +19,22 @@ setup(
     packages=find_packages(include=["rtdmd_kernels", "rtdmd_kernels.*", "rtdmd", "rtdmd.*"]),
     package_data={"rtdmd": ["configs/*.yaml"]},
     include_package_data=True,
+    # the kernels need torch alone; the trainer and sampler need the "train" extra (rtdmd/_deps.py checks it)
     install_requires=[
         "torch>=2.4",  # never pinned to a CUDA or CPU build: users bring the build they need
-        "numpy",
-        "safetensors",
-        "diffusers>=0.42",  # Flux2KleinPipeline, LoRA adapter metadata
-        "transformers",
-        "peft>=0.17",
-        "pyyaml",
-        "tqdm",
-        "matplotlib",
     ],
     extras_require={
+        "train": [
+            "numpy",
+            "safetensors",
+            "diffusers>=0.42",  # Flux2KleinPipeline, LoRA adapter metadata
+            "transformers",
+            "peft>=0.17",
+            "pyyaml",
+            "tqdm",
+            "matplotlib",
+            "pillow",
+        ],
         "triton": ["triton>=3.6"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "psutil", "ruff"],
         "xformers": ["xformers"],

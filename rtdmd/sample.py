@@ -1,4 +1,4 @@
-"""``python -m rtdmd.sample``: sample a trained run's generator (API.md §2.1).
+"""``python -m rtdmd.sample``: sample a trained run's generator (docs/training.md §1).
 
 Uses the EMA generator of the run's newest checkpoint (the base network when the run has no stage
 checkpoint yet). ``--steps`` other than the preset's count builds the schedule with the preset's rule
@@ -12,8 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+
+if __name__ == "__main__":  # before the first import of a trainer dependency: one line and exit 2 if one is missing
+    from ._deps import require_trainer_packages
+
+    require_trainer_packages("python -m rtdmd.sample")
+
+import numpy as np
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .cli import ArgumentParser, resolve_device, run_cli

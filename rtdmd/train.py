@@ -1,6 +1,6 @@
-"""``python -m rtdmd.train``: the RTDMD trainer's entry point (API.md §2.1).
+"""``python -m rtdmd.train``: the RTDMD trainer's entry point (docs/training.md §1).
 
-With no arguments it runs the toy world (TOY.md): builds the analytic teacher, pretrains (or loads
+With no arguments it runs the toy world (docs/toy.md): builds the analytic teacher, pretrains (or loads
 the cached) base network, evaluates the ``teacher`` floor and ``base_4step`` rows, then the stages.
 """
 
@@ -16,6 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+
+if __name__ == "__main__":  # before the first import of a trainer dependency: one line and exit 2 if one is missing
+    from ._deps import require_trainer_packages
+
+    require_trainer_packages("python -m rtdmd.train")
 
 from . import distributed
 from .checkpoint import latest_checkpoint
@@ -101,7 +106,7 @@ def resolve(args) -> tuple[Config, RunFolder]:
 
 
 def join(cfg: Config) -> distributed.DistEnv:
-    """Join torchrun's process group when there is one (API.md §2.1); one process needs nothing."""
+    """Join torchrun's process group when there is one (docs/training.md §1); one process needs nothing."""
     with user_errors():
         return distributed.init(cfg.distributed.strategy, resolve_device(cfg.device))
 
