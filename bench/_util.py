@@ -31,7 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 OPS = ("dmd_loss", "ac_dmd_loss")
 
-# Latent tensors the loss sees (ANCHORS §6.2): [B, C, H/8, W/8] for SD3.5-M, [B, 128, H/16, W/16] for
+# Latent tensors the loss sees (docs/kernels.md §9): [B, C, H/8, W/8] for SD3.5-M, [B, 128, H/16, W/16] for
 # FLUX.2 (patchified). The B = 24 FLUX.2 1024 px case is the >= 128 MB one where bandwidth targets apply.
 CASES: dict[str, tuple[int, ...]] = {
     "sd35m-512": (8, 16, 64, 64),
@@ -89,7 +89,7 @@ def bench_params(ops, device: str, prefix: str = "") -> list:
 
 
 def floor_bytes(op: str, shape, dtype: torch.dtype) -> int:
-    """Floor traffic of one fwd+bwd: each input read once and dx written once (ANCHORS §6.3)."""
+    """Floor traffic of one fwd+bwd: each input read once and dx written once (docs/kernels.md §9)."""
     return N_TENSORS[op] * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ONE script a session runs on a lent GPU machine (DESIGN.md "The lent GPU machines"):
+# The ONE script a session runs on a lent GPU machine (bench/RESULTS.md):
 #   environment -> CUDA tests (dmd / backend / aot) -> bench/gpu_check.py (copy BW, correctness at real
 #   sizes, no-host-sync, timings) -> the compact table LAST. Logs and results go to $OUT (default
 #   /tmp/out): gpu_check.json, kernel_time.json, grpo_check.json, fake_score_check.json, and every log
@@ -108,7 +108,7 @@ if [ "$HAVE_CUDA" = "1" ] && [ "${GPU_CHECK_ROLLOUT:-1}" = "1" ]; then
   ROLLOUT_RC=$?
 fi
 
-# The performance report (issue 11): the whole benchmark suite (every op fwd and fwd+bwd vs reference eager and
+# The performance report: the whole benchmark suite (every op fwd and fwd+bwd vs reference eager and
 # torch.compile(reference), memory, rollout, training step) + the machine's copy bandwidth, one table and
 # report.md for bench/RESULTS.md. GPU_CHECK_REPORT=0 skips it.
 REPORT_RC=skipped

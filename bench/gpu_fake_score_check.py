@@ -1,7 +1,7 @@
 """One-shot GPU check of the fake-score ops (renoise, fake_score_loss, consistency_loss) on a lent GPU.
 
 Sections (each guarded: a failure is reported and the rest runs), at every ``_util.CASES`` shape with
-v_hat (and v1, v2) in float32 and bfloat16, latents float32, per-sample ``[B]`` sigmas drawn as SPEC
+v_hat (and v1, v2) in float32 and bfloat16, latents float32, per-sample ``[B]`` sigmas drawn as docs/method.md
 §4.1–4.2 (bench/test_fake_score.py ``make_case``):
   * correctness vs reference.py on float64 copies of the same inputs: loss relative error and the
     gradients' max-abs relative error (consistency: the worst of dv_hat, dv1, dv2); renoise's x_t;

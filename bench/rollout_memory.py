@@ -1,4 +1,4 @@
-"""Peak memory and wall time of one fwd+bwd through ``rk.checkpointed_rollout`` (API §1.5), by K and mode.
+"""Peak memory and wall time of one fwd+bwd through ``rk.checkpointed_rollout`` (docs/kernels.md §6), by K and mode.
 
 For K in {1, 2, 4, 8} CPS steps and four modes, one forward of the rollout through all K steps
 (``grad_steps=None``), loss = ``x_K.square().mean()``, backward to the model parameters and ``x_T``:

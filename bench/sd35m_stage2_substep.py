@@ -1,4 +1,4 @@
-"""Peak memory and time of one stage-2 sub-batch of SD3.5-M at 512 px, bf16, random weights (issue 9's GPU target).
+"""Peak memory and time of one stage-2 sub-batch of SD3.5-M at 512 px, bf16, random weights.
 
 One RTDMD epoch cut to one sub-batch through the trainer's own code (``rtdmd.stages.rtdmd.Stage2.epoch``): the
 rollout of ``--samples`` images (4 CPS steps + VAE decode + reward), the fake-score step on them, and one policy

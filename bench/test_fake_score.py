@@ -1,10 +1,10 @@
-"""Benchmarks of the fake-score side of AC-DMD (API.md §1.4, SPEC §4.1–4.2): the fake-score loss and
+"""Benchmarks of the fake-score side of AC-DMD (docs/kernels.md §5, docs/method.md §4.1–4.2): the fake-score loss and
 the consistency regularizer fwd+bwd, and the renoise forward.
 
 Run: ``pytest bench/ --benchmark-only -k fake_score`` (``--benchmark-disable`` runs every body once).
 Shapes: the latent cases of ``_util.CASES`` (CPU: the two 512 px ones). Latents (x_s, noise, x_t, x1,
 x2) are float32; the fake network's outputs v_hat, v1, v2 float32 (+ bfloat16 on CUDA, the network's
-autocast output). Per-sample ``[B]`` float32 sigmas as SPEC §4.1–4.2 draws them: sigma_s cycles through
+autocast output). Per-sample ``[B]`` float32 sigmas as docs/method.md §4.1–4.2 draws them: sigma_s cycles through
 {0, 0.5, 0.75, 0.9} (the cold start's random stop), t_r ~ U{1000·sigma_s + 10, ..., max(1000,
 1000·sigma_s + 11) - 1} clamped to [20, 980], sigma_t = t_r / 1000, sigma_p = max(t_r - U{1..200}, 0) / 1000;
 x_t is the renoised x_s, x1 and x2 the two CPS transitions (eta = 0.9) from x_t to sigma_p.
@@ -37,7 +37,7 @@ PARAMS = bu.bench_params(OPS, DEVICE, prefix="fake_score-")
 
 
 def draw_sigmas(B: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sigma_s, sigma_t, sigma_p) ``[B]`` float32, drawn as SPEC §4.1–4.2 (on a CPU generator, so the
+    """(sigma_s, sigma_t, sigma_p) ``[B]`` float32, drawn as docs/method.md §4.1–4.2 (on a CPU generator, so the
     same on every device)."""
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     sigma_s = torch.tensor([0.0, 0.5, 0.75, 0.9], dtype=torch.float64)[torch.arange(B) % 4]
@@ -51,7 +51,7 @@ def draw_sigmas(B: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 
 def _renoise_f32(x_s, noise, sigma_s, sigma_t):
-    """SPEC §4.1 step 3 in float32 (inputs for the benchmark; the op itself is what is timed)."""
+    """docs/method.md §4.1 step 3 in float32 (inputs for the benchmark; the op itself is what is timed)."""
     s, t = (v.reshape(-1, *([1] * (x_s.dim() - 1))) for v in (sigma_s, sigma_t))
     a = (1 - t) / (1 - s)
     sts = torch.sqrt(torch.clamp(t * t - a * a * s * s, min=1e-12))
@@ -74,7 +74,7 @@ def make_case(shape, v_dtype: torch.dtype, device: str, seed: int = 0) -> dict:
         x_t, _, sts = _renoise_f32(x_s, noise, sigma_s, sigma_t)
         s, t = (v.reshape(-1, *([1] * (x_s.dim() - 1))) for v in (sigma_s, sigma_t))
         beta = t + (1 - t) * s * s / (1 - s) ** 2
-        target_f = -x_s / (1 - s) + (beta / sts) * noise  # the move_scale_out=False target (SPEC §4.1)
+        target_f = -x_s / (1 - s) + (beta / sts) * noise  # the move_scale_out=False target (docs/method.md §4.1)
         v_hat = (target_f + 0.5 * randn()).to(v_dtype)
         x1 = reference.cps_transition(x_t, v_hat, sigma_t, sigma_p, ETA, randn()).float()
         x2 = reference.cps_transition(x_t, v_hat, sigma_t, sigma_p, ETA, randn()).float()

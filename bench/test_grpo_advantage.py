@@ -1,4 +1,4 @@
-"""Benchmarks of the group-normalized GRPO advantages (API.md §1.3, SPEC §5.3).
+"""Benchmarks of the group-normalized GRPO advantages (docs/kernels.md §4, docs/method.md §5.3).
 
 Run: ``pytest bench/ --benchmark-only -k advantage`` (``--benchmark-disable`` runs every body once).
 Shapes: the real epochs, N = 1152 (SD3.5-M, 48 prompts x 24) and N = 1536 (FLUX.2, 64 x 24), and a
@@ -27,7 +27,7 @@ OP = "group_advantages"
 GROUP = 24
 SIZES = (1152, 1536, 65536)
 MODES = {"single": 1, "weighted": 4}
-WEIGHTS = [1.0, 1.0, 1.0, 1.0]  # {clipscore, hpsv2, pickscore, geneval} (SPEC §5.3)
+WEIGHTS = [1.0, 1.0, 1.0, 1.0]  # {clipscore, hpsv2, pickscore, geneval} (docs/method.md §5.3)
 PRESET = {"scale": "global", "ddof": 0, "eps": 1e-4}
 
 PARAMS = [

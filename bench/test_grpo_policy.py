@@ -1,4 +1,4 @@
-"""Benchmarks of the GRPO policy ops (API.md §1.2, SPEC §2.1, §5.4): the PPO clip loss fwd+bwd and
+"""Benchmarks of the GRPO policy ops (docs/kernels.md §3, docs/method.md §2.1, §5.4): the PPO clip loss fwd+bwd and
 the rollout step.
 
 Run: ``pytest bench/ --benchmark-only -k policy`` (``--benchmark-disable`` runs every body once).
@@ -10,7 +10,7 @@ the trainer's math today, without its per-sample sigma lookup by timestep) and, 
 ``compiled`` (``torch.compile(reference)``).
   * ``ppo_clip_loss``: loss, then ``torch.autograd.grad`` wrt v. ``bytes`` = x, v, x_next read once
     + dv written once.
-  * ``cps_step``: the rollout step with its log-prob (SPEC §2.3: x_next, mean and old_logp per
+  * ``cps_step``: the rollout step with its log-prob (docs/method.md §2.3: x_next, mean and old_logp per
     step), ours ``cps_step`` + ``cps_logprob``, reference ``cps_step_with_logprob``, noise given.
     ``bytes`` = x, v, noise read once + x_next, mean written once.
 """

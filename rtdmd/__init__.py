@@ -1,7 +1,7 @@
 """rtdmd: a compact RTDMD trainer and sampler on diffusers, transformers and peft.
 
-The trainer (``python -m rtdmd.train``) and sampler (``python -m rtdmd.sample``) are being built;
-the kernels they stand on are in :mod:`rtdmd_kernels`.
+Run as ``python -m rtdmd.train`` and ``python -m rtdmd.sample`` (docs/training.md); it needs the ``train`` extra.
+The kernels it stands on are :mod:`rtdmd_kernels`, which needs torch alone.
 """
 
 from rtdmd_kernels import __version__

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints of a run folder (API.md §2.1, DESIGN.md "Conventions").
+"""Crash-safe checkpoints of a run folder (docs/training.md §1, docs/training.md §3.3).
 
 Layout of one checkpoint directory ``<run>/checkpoints/stage1-step-N/`` or ``stage2-epoch-N/``:
 

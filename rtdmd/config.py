@@ -4,7 +4,8 @@ The schema is the dataclasses below; a generic validator walks their type hints,
 just adding a field (with ``metadata={"min": ..., "max": ..., "min_exclusive": True, "check": fn}``
 for range checks). Cross-field rules live in :func:`validate`. Every problem raises
 :class:`ConfigError` with one line naming the dotted key (or the file), which the CLI turns into
-exit status 2 (API.md §2.1).
+exit status 2 (docs/training.md §1.3). Every key is listed in docs/training.md §2.2, generated from this
+schema and the comment beside each field.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
-TOY_PATCH_SIZE = 2  # the toy SD3 network's patch size (TOY.md); latent H and W must divide by it
+TOY_PATCH_SIZE = 2  # the toy SD3 network's patch size (docs/toy.md §5); latent H and W must divide by it
 
 
 class ConfigError(ValueError):
@@ -47,80 +48,96 @@ def _rng(lo: float | None = None, hi: float | None = None, *, lo_ex: bool = Fals
 
 
 def _check_latent_shape(v: list[int]) -> str | None:
+    """3 positive ints [C, H, W]"""
     return None if len(v) == 3 and all(x >= 1 for x in v) else "must be 3 positive ints"
 
 
 def _check_std_range(v: list[float]) -> str | None:
+    """[lo, hi] with 0 < lo <= hi"""
     return None if len(v) == 2 and 0 < v[0] <= v[1] else "must be 2 floats [lo, hi] with 0 < lo <= hi"
 
 
 def _check_betas(v: list[float]) -> str | None:
+    """2 floats in [0, 1)"""
     return None if len(v) == 2 and all(0 <= x < 1 for x in v) else "must be 2 floats in [0, 1)"
 
 
 def _check_range(v: list[int]) -> str | None:
+    """[first, last] with 0 <= first <= last"""
     return None if len(v) == 2 and 0 <= v[0] <= v[1] else "must be 2 ints [first, last] with 0 <= first <= last"
 
 
 def _check_steps(v: list[int]) -> str | None:
+    """strictly decreasing ints in (0, 1000]"""
     ok = len(v) >= 1 and all(0 < x <= 1000 for x in v) and all(a > b for a, b in zip(v[:-1], v[1:], strict=True))
     return None if ok else "must be a non-empty, strictly decreasing list of ints in (0, 1000]"
 
 
+# The comment beside each field is its documentation: docs/training.md §2.2 is generated from it
+# (python -m rtdmd.config_reference). Keep it one line, say what the key does and what the reference uses.
+
+
 @dataclass
 class ModelConfig:
-    kind: Literal["toy", "sd3", "flux2"] = "toy"
-    path: str | None = None
-    num_layers: int = field(default=2, metadata=_rng(1))
-    num_heads: int = field(default=2, metadata=_rng(1))
-    head_dim: int = field(default=32, metadata=_rng(1))
-    prompt_tokens: int = field(default=4, metadata=_rng(1))  # learned prompt tokens of the toy network
-    text_dim: int = field(default=64, metadata=_rng(1))  # joint_attention_dim of the toy network
-    pooled_dim: int = field(default=32, metadata=_rng(1))
-    lora_rank: int = field(default=0, metadata=_rng(0))  # 0 = train full parameters
-    lora_alpha: float = field(default=0.0, metadata=_rng(0))  # 0 = same as lora_rank (scale 1)
-    # real backbones (sd3, flux2): local diffusers folders, precision, size, conditioning
-    generator_path: str | None = None  # FLUX.2: the generator starts from klein (SPEC §8); null = model.path
+    """The backbone: the toy network, or a real one (SD3 / SD3.5, FLUX.2-klein) from local diffusers folders."""
+
+    kind: Literal["toy", "sd3", "flux2"] = "toy"  # toy world, StableDiffusion3Pipeline or Flux2KleinPipeline folder
+    path: str | None = None  # real backbones: the local diffusers folder of the base (teacher and fake score)
+    num_layers: int = field(default=2, metadata=_rng(1))  # toy network: transformer layers
+    num_heads: int = field(default=2, metadata=_rng(1))  # toy network: attention heads
+    head_dim: int = field(default=32, metadata=_rng(1))  # toy network: width of each head
+    prompt_tokens: int = field(default=4, metadata=_rng(1))  # toy network: learned tokens per prompt
+    text_dim: int = field(default=64, metadata=_rng(1))  # toy network: joint_attention_dim
+    pooled_dim: int = field(default=32, metadata=_rng(1))  # toy network: pooled prompt embedding width
+    lora_rank: int = field(default=0, metadata=_rng(0))  # LoRA rank of generator and fake score; 0 = full parameters
+    lora_alpha: float = field(default=0.0, metadata=_rng(0))  # LoRA alpha (scale alpha/rank); 0 = same as the rank
+    generator_path: str | None = None  # FLUX.2: the generator starts from klein (method.md §8); null = model.path
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # weights (the reference: bf16 + bf16 autocast)
     resolution: int = field(default=512, metadata=_rng(16))  # training images are resolution x resolution px
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers: optional, CUDA only
     max_sequence_length: int = field(default=0, metadata=_rng(0))  # text tokens; 0 = the reference's (128 / 512)
-    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # teacher CFG (4.5 SD3.5, 4.0 FLUX.2)
+    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # teacher CFG against "" (4.5 SD3.5, 4.0 FLUX.2)
     gradient_checkpointing: bool = True  # the generator's transformer blocks (the reference: on)
 
 
 @dataclass
 class ToyConfig:
-    num_prompts: int = field(default=4, metadata=_rng(1))
-    num_components: int = field(default=3, metadata=_rng(1))
-    latent_shape: list[int] = field(default_factory=lambda: [4, 8, 8], metadata={"check": _check_latent_shape})
+    """The analytic toy world (docs/toy.md): its data, exact teacher, evaluation and base-network pretraining."""
+
+    num_prompts: int = field(default=4, metadata=_rng(1))  # prompts "toy prompt 0" ...
+    num_components: int = field(default=3, metadata=_rng(1))  # Gaussian components per prompt
+    latent_shape: list[int] = field(default_factory=lambda: [4, 8, 8],
+                                    metadata={"check": _check_latent_shape})  # H and W even (patch 2)
     data_seed: int = field(default=20260526, metadata=_rng(0))  # fixes mixtures and reward directions
-    min_weight: float = field(default=0.15, metadata=_rng(0, lo_ex=True))  # <= 1/num_components: validate()
-    std_range: list[float] = field(default_factory=lambda: [0.3, 0.6], metadata={"check": _check_std_range})
-    teacher_guidance: float = field(default=1.0, metadata=_rng(0))
-    n_eval: int = field(default=2048, metadata=_rng(2))
-    beta: float = field(default=1.0, metadata=_rng(0))
-    beta_max: float = field(default=4.0, metadata=_rng(0, lo_ex=True))
-    beta_step: float = field(default=0.1, metadata=_rng(0, lo_ex=True))  # <= beta_max: validate()
+    min_weight: float = field(default=0.15, metadata=_rng(0, lo_ex=True))  # least mixture weight, <= 1/num_components
+    std_range: list[float] = field(default_factory=lambda: [0.3, 0.6],
+                                   metadata={"check": _check_std_range})  # component stds, uniform in the range
+    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # the toy teacher's CFG; 1 = exact target
+    n_eval: int = field(default=2048, metadata=_rng(2))  # samples per prompt in every evaluation row
+    beta: float = field(default=1.0, metadata=_rng(0))  # the beta of the fd_tilted_at_beta diagnostic
+    beta_max: float = field(default=4.0, metadata=_rng(0, lo_ex=True))  # beta_hat is searched on [0, beta_max] ...
+    beta_step: float = field(default=0.1, metadata=_rng(0, lo_ex=True))  # ... with this step (<= beta_max)
     base_steps: int = field(default=1000, metadata=_rng(0))  # base pretraining optimizer steps
-    base_batch_size: int = field(default=128, metadata=_rng(1))
-    base_lr: float = field(default=1e-3, metadata=_rng(0, lo_ex=True))
-    base_cfg_dropout: float = field(default=0.1, metadata=_rng(0, 1))
-    base_cache: bool = True
+    base_batch_size: int = field(default=128, metadata=_rng(1))  # base pretraining batch
+    base_lr: float = field(default=1e-3, metadata=_rng(0, lo_ex=True))  # base pretraining learning rate (Adam)
+    base_cfg_dropout: float = field(default=0.1, metadata=_rng(0, 1))  # share of prompts dropped for CFG's branch
+    base_cache: bool = True  # reuse a pretrained base keyed by its config ($RTDMD_CACHE, default ~/.cache/rtdmd)
 
 
 @dataclass
 class ScheduleConfig:
+    """The few-step sampler: its step list, the shift that turns it into sigmas, and CPS eta (method.md §1, §2.1)."""
+
     denoising_steps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250],
-                                       metadata={"check": _check_steps})
-    shift: float = field(default=3.0, metadata=_rng(0, lo_ex=True))
-    eta: float = field(default=0.9, metadata=_rng(0, 1))
+                                       metadata={"check": _check_steps})  # the distilled step list
+    shift: float = field(default=3.0, metadata=_rng(0, lo_ex=True))  # static shift (SD3); FLUX.2 uses its dynamic shift
+    eta: float = field(default=0.9, metadata=_rng(0, 1))  # CPS stochasticity; 0 = Euler steps
 
 
 @dataclass
 class RewardConfig:
-    weight: float = 1.0
-    backprop: bool = False
+    weight: float = 1.0  # weight in the group advantages (method.md §5.3)
+    backprop: bool = False  # also back-propagated at the final step(s) (method.md §7)
     path: str | None = None  # local folder or file of the reward model (image rewards)
     kind: str | None = None  # clipscore | pickscore | hpsv2 | aesthetic; null = the entry's name
     processor_path: str | None = None  # PickScore: the image processor's folder (null = path)
@@ -132,8 +149,10 @@ class RewardConfig:
 
 @dataclass
 class DataConfig:
+    """Prompt files of the real presets (docs/training.md §4.3); the toy's prompts are built in."""
+
     train_prompts: str | None = None  # .txt (one prompt a line) or .jsonl ({"prompt": ..., other fields})
-    eval_prompts: str | None = None
+    eval_prompts: str | None = None  # same formats; prompts for evaluation
 
 
 def _default_rewards() -> dict[str, RewardConfig]:
@@ -142,92 +161,100 @@ def _default_rewards() -> dict[str, RewardConfig]:
 
 @dataclass
 class Stage1Config:
-    """AC-DMD cold start (SPEC §4.4, §12.1). Faithful defaults; the toy preset tunes rates and sizes."""
+    """AC-DMD cold start (method.md §4.4, §12.1). Faithful defaults; the toy preset tunes rates and sizes."""
 
     steps: int = field(default=2000, metadata=_rng(0))  # fake-score updates (the reference's steps)
-    batch_size: int = field(default=64, metadata=_rng(1))
+    batch_size: int = field(default=64, metadata=_rng(1))  # global batch of each update
     fake_update_ratio: int = field(default=10, metadata=_rng(1))  # generator update every N-th step (TTUR)
-    generator_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))
-    fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"check": _check_betas})
-    adam_eps: float = field(default=1e-8, metadata=_rng(0, lo_ex=True))
-    weight_decay: float = field(default=0.0, metadata=_rng(0))
-    grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))
+    generator_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))  # AdamW learning rate of the generator
+    fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))  # AdamW learning rate of the fake score
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999],
+                                    metadata={"check": _check_betas})  # AdamW betas, both optimizers
+    adam_eps: float = field(default=1e-8, metadata=_rng(0, lo_ex=True))  # AdamW eps, both optimizers
+    weight_decay: float = field(default=0.0, metadata=_rng(0))  # AdamW weight decay, both optimizers
+    grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))  # gradient-norm clip of each update
     ema_decay: float = field(default=0.99, metadata=_rng(0, 1))  # model EMA, every step
-    ema_dtype: Literal["param", "float32"] = "param"  # SPEC §13.18: the reference keeps the EMA in param dtype
+    ema_dtype: Literal["param", "float32"] = "param"  # method.md §13.18: the reference keeps the EMA in param dtype
     random_stop: bool = True  # stop index ~ U{1..K}; false = always unroll all K steps
-    chain_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # SPEC §13.4: the reference's cold-start chain is bf16
+    chain_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # method.md §13.4: the reference's chain is bf16
     renoise_offset: int = field(default=10, metadata=_rng(0))  # t_r ~ U[1000·σ_s + offset, 1000)
-    renoise_min: int = field(default=20, metadata=_rng(0, 1000))  # clamp of t_r (SPEC §4.1)
-    renoise_max: int = field(default=980, metadata=_rng(0, 1000))
-    fake_weight_max: float = field(default=10.0, metadata=_rng(0, lo_ex=True))  # clamp of 1/σ_ts²
-    consistency: bool = True
-    consistency_weight: float = field(default=0.01, metadata=_rng(0))
+    renoise_min: int = field(default=20, metadata=_rng(0, 1000))  # clamp of t_r (method.md §4.1.2)
+    renoise_max: int = field(default=980, metadata=_rng(0, 1000))  # clamp of t_r
+    fake_weight_max: float = field(default=10.0, metadata=_rng(0, lo_ex=True))  # clamp of 1/σ_ts² (method.md §4.2)
+    consistency: bool = True  # the fake score's consistency regulariser (method.md §4.2)
+    consistency_weight: float = field(default=0.01, metadata=_rng(0))  # its weight γ
     consistency_epsilon: int = field(default=200, metadata=_rng(1))  # δ ~ U{1..ε} timesteps
     rollout_checkpoint: bool = True  # rk.checkpointed_rollout: keep only the grad step's input
     fake_gradient_checkpointing: bool = True  # the fake score's blocks (the reference: on in stage 1)
-    checkpoint_every: int = field(default=500, metadata=_rng(1))
-    keep_checkpoints: int = field(default=2, metadata=_rng(1))
+    checkpoint_every: int = field(default=500, metadata=_rng(1))  # steps between checkpoints
+    keep_checkpoints: int = field(default=2, metadata=_rng(1))  # newest stage-1 checkpoints kept
 
 
 @dataclass
 class Stage2Config:
-    """RTDMD (SPEC §5-§8, §12.2). The AC-DMD sub-interval and fake-score objective keys are stage1's."""
+    """RTDMD (method.md §5–§8, §12.2). The AC-DMD sub-interval and fake-score objective keys are stage1's."""
 
     steps: int = field(default=100, metadata=_rng(0))  # epochs: one rollout, one fake and one generator step
     group_size: int = field(default=24, metadata=_rng(2))  # K samples per prompt per epoch
     prompts_per_epoch: int = field(default=0, metadata=_rng(0))  # 0 = every prompt each epoch
     num_batches: int = field(default=16, metadata=_rng(1))  # policy sub-batches per epoch (grad accumulation)
-    lr: float = field(default=3e-6, metadata=_rng(0, lo_ex=True))
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"check": _check_betas})
-    adam_eps: float = field(default=1e-8, metadata=_rng(0, lo_ex=True))
-    weight_decay: float = field(default=1e-4, metadata=_rng(0))
-    grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))
-    fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))
+    lr: float = field(default=3e-6, metadata=_rng(0, lo_ex=True))  # AdamW learning rate of the generator
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999],
+                                    metadata={"check": _check_betas})  # AdamW betas, both optimizers
+    adam_eps: float = field(default=1e-8, metadata=_rng(0, lo_ex=True))  # AdamW eps, both optimizers
+    weight_decay: float = field(default=1e-4, metadata=_rng(0))  # AdamW weight decay of the generator (fake: 0)
+    grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))  # gradient-norm clip of both steps
+    fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))  # AdamW learning rate of the fake score
     fake_batch_size: int = field(default=8, metadata=_rng(1))  # chunks of the one fake step per epoch
     ppo_steps: int = field(default=2, metadata=_rng(0))  # SubGRPO: PPO steps drawn per epoch ...
     ppo_step_range: list[int] = field(default_factory=lambda: [0, 2], metadata={"check": _check_range})  # ... here
-    ppo_weight: float = field(default=1.0, metadata=_rng(0))
-    clip_range: float = field(default=1e-5, metadata=_rng(0))
-    adv_clip: float = field(default=5.0, metadata=_rng(0, lo_ex=True))
+    ppo_weight: float = field(default=1.0, metadata=_rng(0))  # weight of the PPO loss
+    clip_range: float = field(default=1e-5, metadata=_rng(0))  # PPO ratio clip (method.md §5.4)
+    adv_clip: float = field(default=5.0, metadata=_rng(0, lo_ex=True))  # advantages clamped to ±adv_clip
     aux_weight: float = field(default=0.001, metadata=_rng(0))  # AC-DMD at the final step (distribution matching)
     bp_scale: float = field(default=1e-4, metadata=_rng(0))  # reward back-propagation: scale·mean relu(margin - R)
-    bp_margin: float = 3.0
+    bp_margin: float = 3.0  # the hinge's margin
     bp_steps: int = field(default=1, metadata=_rng(1))  # back-propagate through the last k steps (k > 1: ours)
-    ema_decay: float = field(default=0.9, metadata=_rng(0, 1))
-    ema_interval: int = field(default=8, metadata=_rng(1))
-    ema_per_sub_batch: bool = True  # SPEC §13.2: the reference calls the EMA after every sub-batch
-    lora_init: Literal["reference", "peft"] = "reference"  # fresh adapter: A ~ N(0,1) (SPEC §13.3) or N(0,1/r)
+    ema_decay: float = field(default=0.9, metadata=_rng(0, 1))  # generator EMA decay, after a warm-up
+    ema_interval: int = field(default=8, metadata=_rng(1))  # EMA update every N-th optimizer step
+    ema_per_sub_batch: bool = True  # method.md §13.2: the reference calls the EMA after every sub-batch
+    lora_init: Literal["reference", "peft"] = "reference"  # fresh adapter: A ~ N(0,1) (method.md §13.3) or N(0,1/r)
     fake_gradient_checkpointing: bool = True  # ours; the reference runs the stage-2 fake without it
     vae_checkpointing: bool = True  # ours: checkpoint the VAE decode of reward BP (the reference: off)
     bp_batch_size: int = field(default=0, metadata=_rng(0))  # BP decode+score chunk (0 = the whole sub-batch)
     decode_batch_size: int = field(default=4, metadata=_rng(1))  # rollout VAE decode chunk (the reference: 4)
     sample_batch_size: int = field(default=0, metadata=_rng(0))  # rollout chunk (the reference: 9); 0 = all at once
-    checkpoint_every: int = field(default=50, metadata=_rng(1))
-    keep_checkpoints: int = field(default=2, metadata=_rng(1))
+    checkpoint_every: int = field(default=50, metadata=_rng(1))  # epochs between checkpoints
+    keep_checkpoints: int = field(default=2, metadata=_rng(1))  # newest stage-2 checkpoints kept
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = field(default=4096, metadata=_rng(1))
+    """Evaluation sampling."""
+
+    batch_size: int = field(default=4096, metadata=_rng(1))  # samples generated per forward
 
 
 @dataclass
 class LogConfig:
-    interval: int = field(default=50, metadata=_rng(1))
-    progress: bool = True
+    """What the CLI prints and records."""
+
+    interval: int = field(default=50, metadata=_rng(1))  # steps between metrics.jsonl lines
+    progress: bool = True  # tqdm progress bars
 
 
 @dataclass
 class DistributedConfig:
-    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    """Data-parallel training under torchrun (docs/training.md §6)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"  # one process, replicated (DDP) or sharded (FSDP2)
 
 
 @dataclass
 class Config:
-    preset: str = "toy"
-    seed: int = field(default=0, metadata=_rng(0))
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    preset: str = "toy"  # the preset this config came from (names the run folder)
+    seed: int = field(default=0, metadata=_rng(0))  # every random draw of the run derives from it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when there is one
     model: ModelConfig = field(default_factory=ModelConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -330,6 +357,19 @@ def _coerce(v: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config key '{key}': unsupported field type {tp!r} in the schema")
 
 
+def range_text(meta: Mapping[str, Any]) -> str | None:
+    """A field's range check in words (``in [0, 1]``, ``>= 1``, ``> 0``), or None when it has none."""
+    lo, hi = meta.get("min"), meta.get("max")
+    lo_ex, hi_ex = meta.get("min_exclusive", False), meta.get("max_exclusive", False)
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_ex else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_ex else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_ex else '>='} {_fmt(lo)}"
+    if hi is not None:
+        return f"{'<' if hi_ex else '<='} {_fmt(hi)}"
+    return None
+
+
 def _check_meta(v: Any, meta: Mapping[str, Any], key: str) -> None:
     if v is None:
         return
@@ -339,13 +379,7 @@ def _check_meta(v: Any, meta: Mapping[str, Any], key: str) -> None:
     bad = lo is not None and not (v > lo if lo_ex else v >= lo)
     bad = bad or (hi is not None and not (v < hi if hi_ex else v <= hi))
     if bad:
-        if lo is not None and hi is not None:
-            want = f"in {'(' if lo_ex else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_ex else ']'}"
-        elif lo is not None:
-            want = f"{'>' if lo_ex else '>='} {_fmt(lo)}"
-        else:
-            want = f"{'<' if hi_ex else '<='} {_fmt(hi)}"
-        raise ConfigError(f"config key '{key}' must be {want}, got {_fmt(v)}")
+        raise ConfigError(f"config key '{key}' must be {range_text(meta)}, got {_fmt(v)}")
     check: Callable[[Any], str | None] | None = meta.get("check")
     if check is not None and (msg := check(v)) is not None:
         raise ConfigError(f"config key '{key}' {msg}, got {v!r}")

@@ -1,4 +1,4 @@
-"""Prompt data for the real presets (API.md §2.1): ``.txt`` (one prompt per line) or ``.jsonl`` (one object
+"""Prompt data for the real presets (docs/training.md §1): ``.txt`` (one prompt per line) or ``.jsonl`` (one object
 per line with a ``"prompt"`` field; the other fields, e.g. GenEval metadata, ride along to the rewards).
 
 A :class:`Prompt` is a ``str`` carrying its record, so the whole trainer handles prompts as plain strings and

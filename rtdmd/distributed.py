@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun`` (API.md §2.1; SPEC §5.2, §9): process group, the two strategies,
+"""Data-parallel training under ``torchrun`` (training.md §1; method.md §5.2, §9): process group, the two strategies,
 the sample split, gathers and full-state checkpoints.
 
 ``torchrun --nproc_per_node N -m rtdmd.train ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`init`
@@ -295,7 +295,7 @@ def check_resume_world(saved: int | None, env: DistEnv, where: str) -> None:
 
 
 def k_repeat_order(seed: int, epoch: int, n: int) -> list[int]:
-    """The global order of an epoch's ``n`` samples (SPEC §5.2): a seeded shuffle of the prompt-repeated list, so a
+    """The global order of an epoch's ``n`` samples (method.md §5.2): a seeded shuffle of the prompt-repeated list, so a
     prompt's K samples spread over the ranks; a pure function of (seed, epoch), the same on every rank."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + 104729) % 2**63)
     return torch.randperm(n, generator=g).tolist()

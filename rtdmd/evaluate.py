@@ -1,4 +1,4 @@
-"""The toy evaluation of TOY.md "Evaluation": Fréchet distances to the exact teacher and to its reward-tilted
+"""The toy evaluation of docs/toy.md §7: Fréchet distances to the exact teacher and to its reward-tilted
 family, the β that fits best, mode coverage, within-mode spread and the in-mode tilt.
 
 All metric math runs on the CPU in float64. The reference side (exact samples of the tilted family on a β grid,
@@ -93,7 +93,7 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------- the evaluator
 class ToyEvaluator:
-    """TOY.md's evaluation against exact references of one :class:`ToyWorld`.
+    """docs/toy.md's evaluation against exact references of one :class:`ToyWorld`.
 
     Every row is scored on ``prompt_idx`` (``P·n_eval`` samples, prompt ``p``'s block contiguous); the generator
     must produce its samples in exactly this order (global indices ``global_indices``)."""

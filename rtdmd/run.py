@@ -1,4 +1,4 @@
-"""The run folder of API.md §2.1: resolved config, metrics log, checkpoints, summary.
+"""The run folder of docs/training.md §1: resolved config, metrics log, checkpoints, summary.
 
 ::
 

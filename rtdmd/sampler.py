@@ -1,10 +1,10 @@
-"""Few-step CPS sampling and GRPO rollouts (SPEC §2.3, §2.4), every step through ``rtdmd_kernels``.
+"""Few-step CPS sampling and GRPO rollouts (docs/method.md §2.3, §2.4), every step through ``rtdmd_kernels``.
 
 The randomness contract (:mod:`rtdmd.rng`): the starting noise ``x_T`` and the CPS noise ``ξ_j`` of
 step ``j`` for the sample with global index ``i`` come from ``(seed, stream, step_or_epoch, i)``, so a
 sample is the same whatever the batch size, the chunking or the process it lands on.
 :func:`draw_noises` makes them; :func:`sample` and :func:`rollout` take them explicitly (stage 2
-replaces some steps' noise by prompt-shared noise, SPEC §6).
+replaces some steps' noise by prompt-shared noise, docs/method.md §6).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _sigma(value: float, x: torch.Tensor) -> torch.Tensor:
 def sample(velocity_fn: VelocityFn, x_T: torch.Tensor, sigmas: Sequence[float] | torch.Tensor, *, eta: float,
            noises: torch.Tensor) -> torch.Tensor:
     """Run the CPS sampler (``rk.cps_step``) over ``sigmas`` (ending at 0: the result is the last step's
-    x0 prediction, SPEC §2.4) with the given noises ``[K, *x_T.shape]``; no gradient."""
+    x0 prediction, docs/method.md §2.4) with the given noises ``[K, *x_T.shape]``; no gradient."""
     sig = _check(x_T, sigmas, noises)
     x = x_T
     for j, (s, sn) in enumerate(zip(sig[:-1], sig[1:], strict=False)):
@@ -62,7 +62,7 @@ def sample(velocity_fn: VelocityFn, x_T: torch.Tensor, sigmas: Sequence[float] |
 
 @dataclass
 class Rollout:
-    """A rollout's stored trajectory (SPEC §2.3): ``trajectory [N, K+1, ...]`` holds ``x_T`` and every CPS
+    """A rollout's stored trajectory (docs/method.md §2.3): ``trajectory [N, K+1, ...]`` holds ``x_T`` and every CPS
     output once — ``latents`` (step inputs) and ``next_latents`` (step outputs) are views of it — plus the
     surrogate ``log_probs [N, K]``, the ``noises [N, K, ...]`` used and ``sigmas [K+1]``."""
 

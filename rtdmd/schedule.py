@@ -1,4 +1,4 @@
-"""Sigma schedules of the few-step sampler (SPEC §1).
+"""Sigma schedules of the few-step sampler (docs/method.md §1).
 
 The config names the denoising steps as the reference does (``[1000, 750, 500, 250]``); the raw levels
 are ``u = step / 1000``, a terminal 0 is appended, and the model's shift maps ``u`` to ``σ``:
@@ -6,7 +6,7 @@ SD3/SD3.5 use the static shift ``σ = s·u / (1 + (s-1)·u)`` with ``s = 3.0`` a
 which gives ``[1.0, 0.9, 0.75, 0.5] -> 0``. FLUX.2 uses the dynamic (exponential) shift
 ``σ = e^mu / (e^mu + (1/u - 1))`` with ``mu = flux2_empirical_mu(image_seq_len, K)``, where ``image_seq_len`` is
 the number of latent tokens after the 2×2 patchify (``latent_H · latent_W`` of the ``[B, 128, H, W]`` latent):
-1024 at 512 px and 4096 at 1024 px, so the schedule depends on the resolution (SPEC §1, §13.6).
+1024 at 512 px and 4096 at 1024 px, so the schedule depends on the resolution (docs/method.md §1, §13.6).
 :func:`sigmas_for` is the one entry point for either rule.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 NUM_TRAIN_TIMESTEPS = 1000
 
-# FLUX.2's empirical mu (SPEC §1): mu is linear in the sequence length at 10 steps (A1, B1) and at 200 steps
+# FLUX.2's empirical mu (docs/method.md §1): mu is linear in the sequence length at 10 steps (A1, B1) and at 200 steps
 # (A2, B2) and linear in the step count between the two; past FLUX2_MU_SEQ_SPLIT tokens only the 200-step line counts.
 FLUX2_MU_A1, FLUX2_MU_B1 = 8.73809524e-05, 1.89833333
 FLUX2_MU_A2, FLUX2_MU_B2 = 1.6927e-04, 0.45666666
@@ -70,7 +70,7 @@ def _positive_int(name: str, value: int) -> int:
 
 
 def flux2_image_seq_len(height: int, width: int, *, vae_scale_factor: int = 8) -> int:
-    """FLUX.2's ``image_seq_len`` for an image of ``height × width`` pixels (SPEC §1): the latent tokens after the
+    """FLUX.2's ``image_seq_len`` for an image of ``height × width`` pixels (method.md §1): the latent tokens after the
     VAE's ``vae_scale_factor``× downsampling and the 2×2 patchify, ``(height // 16) · (width // 16)`` — 1024 at
     512 px, 4096 at 1024 px (the size rule of diffusers' FLUX.2 pipelines)."""
     height, width = _positive_int("height", height), _positive_int("width", width)
@@ -81,7 +81,7 @@ def flux2_image_seq_len(height: int, width: int, *, vae_scale_factor: int = 8) -
 
 
 def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
-    """FLUX.2's resolution- and step-count-dependent shift ``mu`` (SPEC §1).
+    """FLUX.2's resolution- and step-count-dependent shift ``mu`` (docs/method.md §1).
 
     With ``m10 = A1·L + B1`` and ``m200 = A2·L + B2`` (the fits at 10 and 200 steps for ``L = image_seq_len``
     tokens), ``mu = m200 + (m200 - m10)·(num_steps - 200)/190``; for ``L > 4300`` it is ``m200`` whatever the
@@ -101,7 +101,7 @@ def flux2_seq_len_from_mu(mu: float, num_steps: int, *, tol: float = 1e-9) -> in
     ``flux2_empirical_mu(image_seq_len, num_steps) == mu`` (within ``tol``).
 
     A stock FLUX.2 pipeline computes ``mu`` for its own ``num_inference_steps`` (default 50), not for the
-    distilled step count; this recovers the image size so ``mu`` can be recomputed for ``K`` steps (SPEC §1).
+    distilled step count; this recovers the image size so ``mu`` can be recomputed for ``K`` steps (docs/method.md §1).
     Both branches are tried; where both fit (a coincidence of about 1 in 10^5), the short-sequence one wins.
     Raises ``ValueError`` (naming ``mu``) when no sequence length gives ``mu``."""
     steps = _positive_int("num_steps", num_steps)
@@ -121,7 +121,7 @@ def flux2_seq_len_from_mu(mu: float, num_steps: int, *, tol: float = 1e-9) -> in
 
 
 def dynamic_shift(u: float, mu: float) -> float:
-    """FLUX.2's exponential time shift ``e^mu / (e^mu + (1/u - 1))`` of a raw level ``u`` in (0, 1] (SPEC §1)."""
+    """FLUX.2's exponential time shift ``e^mu / (e^mu + (1/u - 1))`` of a raw level ``u`` in (0, 1] (method.md §1)."""
     if not 0.0 < u <= 1.0:
         raise ValueError(f"u must lie in (0, 1], got {u}")
     e = math.exp(mu)
@@ -129,7 +129,7 @@ def dynamic_shift(u: float, mu: float) -> float:
 
 
 def dynamic_shift_sigmas(denoising_steps: Sequence[int] = (1000, 750, 500, 250), mu: float = 0.0) -> torch.Tensor:
-    """``[σ_0, ..., σ_{K-1}, 0]`` (float64 ``[K+1]``) for FLUX.2's dynamic shift with ``mu`` (SPEC §1), unrounded:
+    """``[σ_0, ..., σ_{K-1}, 0]`` (float64 ``[K+1]``) for FLUX.2's dynamic shift with ``mu`` (method.md §1), unrounded:
     ``mu = flux2_empirical_mu(1024, 4)`` gives ``[1.0, 0.95809, 0.88398, 0.71750, 0]``."""
     mu = float(mu)
     if not math.isfinite(mu):
@@ -141,7 +141,7 @@ def dynamic_shift_sigmas(denoising_steps: Sequence[int] = (1000, 750, 500, 250),
 
 
 def stretch_to_terminal(sigmas: Sequence[float], shift_terminal: float) -> list[float]:
-    """The optional terminal stretch of a diffusers flow-matching config (``shift_terminal``, SPEC §1): the levels
+    """The optional terminal stretch of a diffusers flow-matching config (``shift_terminal``, method.md §1): the levels
     before the appended 0 are mapped by ``1 - (1 - σ)·(1 - T)/(1 - σ_{K-1})`` so the last one becomes ``T``."""
     sig = [float(s) for s in sigmas]
     if len(sig) < 2 or sig[-1] != 0.0:
@@ -156,13 +156,13 @@ def stretch_to_terminal(sigmas: Sequence[float], shift_terminal: float) -> list[
 
 def sigmas_for(denoising_steps: Sequence[int] = (1000, 750, 500, 250), *, shift: float | None = None,
                mu: float | None = None, shift_terminal: float | None = None) -> list[float]:
-    """``[σ_0, ..., σ_{K-1}, 0]`` by either rule of SPEC §1 — exactly one of ``shift`` and ``mu``:
+    """``[σ_0, ..., σ_{K-1}, 0]`` by either rule of docs/method.md §1 — exactly one of ``shift`` and ``mu``:
 
     * ``shift``: SD3/SD3.5's static shift, rounded to 6 decimals (:func:`sd3_sigmas`);
     * ``mu``: FLUX.2's dynamic shift (:func:`dynamic_shift_sigmas`), e.g.
       ``mu = flux2_empirical_mu(flux2_image_seq_len(512, 512), len(denoising_steps))``.
 
-    ``shift_terminal`` (a diffusers config key; none for the models of SPEC) applies :func:`stretch_to_terminal`
+    ``shift_terminal`` (a diffusers config key; none for SD3.5 or FLUX.2-klein) applies :func:`stretch_to_terminal`
     after the shift. Returns Python floats, as :func:`sd3_sigmas` does."""
     if (shift is None) == (mu is None):
         raise ValueError(f"pass exactly one of shift and mu, got shift={shift}, mu={mu}")

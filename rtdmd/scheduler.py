@@ -1,15 +1,15 @@
-"""``CPSScheduler``: the distilled few-step CPS sampler as a diffusers scheduler (SPEC §1, §2.1, §2.4, §10).
+"""``CPSScheduler``: the distilled few-step CPS sampler as a diffusers scheduler (docs/method.md §1, §2.1, §2.4, §10).
 
 Drop it into a stock diffusers flow-matching pipeline and the pipeline samples the 4-step generator the way the
-reference's inference does (SPEC §10): the configured step list (``[1000, 750, 500, 250]``) replaces the
+reference's inference does (docs/method.md §10): the configured step list (``[1000, 750, 500, 250]``) replaces the
 pipeline's own step count and sigmas, each step is one CPS step (``rk.cps_step``, η = 0.9 by default), and the
-last step lands on σ = 0, so the pipeline's final latents are the last step's ``x0̂`` (SPEC §2.4)::
+last step lands on σ = 0, so the pipeline's final latents are the last step's ``x0̂`` (docs/method.md §2.4)::
 
     from rtdmd.scheduler import CPSScheduler
     CPSScheduler.for_pipeline(pipe, eta=0.9, denoising_steps=[1000, 750, 500, 250])   # sets pipe.scheduler
-    image = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]          # no CFG (SPEC §10)
+    image = pipe(prompt, num_inference_steps=4, guidance_scale=1.0).images[0]          # no CFG (docs/method.md §10)
 
-Schedules (SPEC §1): without ``use_dynamic_shifting`` (SD3/SD3.5) the static shift ``shift`` of the config,
+Schedules (docs/method.md §1): without ``use_dynamic_shifting`` (SD3/SD3.5) the static shift ``shift`` of the config,
 rounded to 6 decimals (``[1, .9, .75, .5] -> 0`` at 3.0); with it (FLUX.2), the exponential shift with the ``mu``
 the pipeline passes. FLUX.2's pipelines compute ``mu`` for *their* ``num_inference_steps`` (default 50), while
 the reference uses ``mu`` for ``K`` steps; under ``mu_rule="flux2_empirical"`` (the default) the scheduler
@@ -23,7 +23,7 @@ Noise (the pipelines pass no generator to ``step``): :meth:`CPSScheduler.set_noi
 CPS noise ξ — the trainer's per-sample RNG contract (``seed``: step ``j`` draws exactly what
 :func:`rtdmd.sampler.draw_noises` draws for the same samples), a ``torch.Generator``, explicit ``noises [K, ...]``,
 or (the default) the global torch RNG. Arithmetic is float32 inside ``rk.cps_step``; the new latents keep the
-latents' dtype (bf16 in the reference's inference, SPEC §2.4, §13.4; the reference casts to the velocity's dtype,
+latents' dtype (bf16 in the reference's inference, method.md §2.4, §13.4; the reference casts to the velocity's dtype,
 which is the same dtype in both stock pipelines).
 """
 
@@ -77,19 +77,19 @@ def _pack_like(noise: torch.Tensor, sample: torch.Tensor, name: str) -> torch.Te
 
 
 class CPSScheduler(SchedulerMixin, ConfigMixin):
-    """The few-step CPS sampler of SPEC §2.1/§2.4 as a diffusers scheduler for flow-matching pipelines.
+    """The few-step CPS sampler of docs/method.md §2.1/§2.4 as a diffusers scheduler for flow-matching pipelines.
 
     Takes every key of a stock ``FlowMatchEulerDiscreteScheduler`` config (so ``from_config`` of an SD3/SD3.5
     or FLUX.2 scheduler works, and the SD3 pipeline still finds ``base_shift`` & co.), plus:
 
     * ``eta``: the CPS stochasticity η in [0, 1] (0.9 in the reference; 0 is the Euler sampler);
-    * ``denoising_steps``: the distilled step list (SPEC §1), strictly decreasing integers in (0, 1000];
+    * ``denoising_steps``: the distilled step list (docs/method.md §1), strictly decreasing integers in (0, 1000];
     * ``mu_rule``: ``"flux2_empirical"`` or ``"given"`` — how a pipeline's ``mu`` is read under
       ``use_dynamic_shifting`` (see the module docstring).
 
     ``shift_terminal`` applies :func:`rtdmd.schedule.stretch_to_terminal`; Karras/exponential/beta sigmas,
     ``invert_sigmas`` and a linear time shift are not the reference's schedule and raise ``ValueError``.
-    ``stochastic_sampling`` is accepted and ignored (every step is a CPS step). The default ``shift`` is SPEC's
+    ``stochastic_sampling`` is accepted and ignored (every step is a CPS step). The default ``shift`` is SD3.5's
     3.0, not diffusers' 1.0: a config that does not state its shift gets 3.0 (SD3/SD3.5 configs state 3.0).
     Stock SD3 pipelines hand the caller's ``num_inference_steps`` back from ``retrieve_timesteps`` (only their
     progress bar uses it): pass ``num_inference_steps=K`` for a tidy bar; the loop runs the ``K`` steps anyway.
@@ -121,7 +121,8 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         mu_rule: str = "flux2_empirical",
     ) -> None:
         if num_train_timesteps != NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"num_train_timesteps must be {NUM_TRAIN_TIMESTEPS} (SPEC §1), got {num_train_timesteps}")
+            raise ValueError(f"num_train_timesteps must be {NUM_TRAIN_TIMESTEPS} (docs/method.md §1), "
+                             f"got {num_train_timesteps}")
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         if not 0.0 <= eta <= 1.0:
@@ -129,13 +130,13 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         if mu_rule not in MU_RULES:
             raise ValueError(f"mu_rule must be one of {MU_RULES}, got {mu_rule!r}")
         if time_shift_type != "exponential":
-            raise ValueError(f"time_shift_type must be 'exponential' (SPEC §1), got {time_shift_type!r}")
+            raise ValueError(f"time_shift_type must be 'exponential' (docs/method.md §1), got {time_shift_type!r}")
         if shift_terminal is not None and not 0.0 < shift_terminal < 1.0:
             raise ValueError(f"shift_terminal must be None or lie in (0, 1), got {shift_terminal}")
         for name, value in (("invert_sigmas", invert_sigmas), ("use_karras_sigmas", use_karras_sigmas),
                             ("use_exponential_sigmas", use_exponential_sigmas), ("use_beta_sigmas", use_beta_sigmas)):
             if value:
-                raise ValueError(f"{name}=True is not the distilled schedule of SPEC §1; set it to False")
+                raise ValueError(f"{name}=True is not the distilled schedule of docs/method.md §1; set it to False")
         steps = check_denoising_steps(denoising_steps)
         self.register_to_config(denoising_steps=steps)
 
@@ -156,7 +157,7 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def for_pipeline(cls, pipe: Any, *, eta: float = 0.9, denoising_steps: Sequence[int] = (1000, 750, 500, 250),
                      install: bool = True, **config: Any) -> CPSScheduler:
-        """A scheduler built from ``pipe.scheduler.config`` with ``eta`` and ``denoising_steps`` (SPEC §10), set as
+        """A scheduler built from ``pipe.scheduler.config`` with ``eta`` and ``denoising_steps`` (method.md §10), set as
         ``pipe.scheduler`` unless ``install=False``. ``mu_rule`` defaults to ``"flux2_empirical"`` for the FLUX.2
         pipelines (class name ``Flux2…``) and to ``"given"`` otherwise; further ``config`` keys override the
         pipeline's config (e.g. ``shift=3.0``). Unknown keys raise ``ValueError``."""
@@ -219,7 +220,7 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         *,
         image_seq_len: int | None = None,
     ) -> None:
-        """Set the distilled schedule (SPEC §1): ``timesteps = 1000·σ[:-1]`` (float32, on ``device``) and
+        """Set the distilled schedule (docs/method.md §1): ``timesteps = 1000·σ[:-1]`` (float32, on ``device``) and
         ``sigmas = [σ_0, ..., σ_{K-1}, 0]`` (float32, CPU) for the configured ``denoising_steps``.
 
         The pipeline's ``num_inference_steps``, ``sigmas`` and ``timesteps`` do not change the schedule; their
@@ -368,10 +369,10 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor, *,
              generator: torch.Generator | None = None, return_dict: bool = True) -> CPSSchedulerOutput | tuple:
-        """One CPS step (SPEC §2.1) from the current σ to the next: ``rk.cps_step(sample, model_output, σ, σn,
+        """One CPS step (docs/method.md §2.1) from the current σ to the next: ``rk.cps_step(sample, model_output, σ, σn,
         eta=eta, noise=ξ)``, ξ from the source chosen by :meth:`set_noise` (``generator`` overrides it for this
         call). ``model_output`` is the velocity ``v = ε - x0``. At the last step σn = 0 and the output is the
-        x0 prediction ``sample - σ·v`` (SPEC §2.4). Float32 inside; returns the latents' dtype."""
+        x0 prediction ``sample - σ·v`` (docs/method.md §2.4). Float32 inside; returns the latents' dtype."""
         self._require_schedule()
         if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
             raise ValueError("timestep must be one of scheduler.timesteps (a float), not an integer step index")
@@ -398,7 +399,7 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor,
                     noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The flow-matching forward process ``σ·noise + (1-σ)·sample`` at ``timestep`` (SPEC §1), for img2img and
+        """The flow-matching forward process ``σ·noise + (1-σ)·sample`` at ``timestep`` (method.md §1), for img2img and
         inpainting pipelines; σ is looked up as diffusers does (by timestep, or the current/begin index)."""
         self._require_schedule()
         if noise is None or noise.shape != sample.shape:

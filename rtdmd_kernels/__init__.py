@@ -1,7 +1,7 @@
 """rtdmd_kernels: fused, exact kernels for DMD / AC-DMD distillation and flow-model GRPO.
 
 ``import rtdmd_kernels as rk``. Imports torch only (and triton when installed). Every op runs on
-CPU or CUDA tensors; see ``rk.backend_for`` and API.md §1 for how the backend is chosen.
+CPU or CUDA tensors; see ``rk.backend_for`` and docs/kernels.md §1 for how the backend is chosen.
 """
 
 from ._backend import backend_for, use_backend

@@ -1,6 +1,6 @@
 """Backend selection: which implementation runs an op for a given tensor.
 
-Rules (API.md §1):
+Rules (docs/kernels.md §1):
   * CUDA tensors run the Triton kernels (compiled; interpreted if ``TRITON_INTERPRET=1``).
   * CPU tensors run Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this module was
     imported and triton is installed; otherwise the pure-PyTorch implementation.

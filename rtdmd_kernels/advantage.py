@@ -1,4 +1,4 @@
-"""Group-normalized GRPO advantages (SPEC §5.3, API.md §1.3): Triton kernels, a torch path, a custom op.
+"""Group-normalized GRPO advantages (method.md §5.3, kernels.md §4): Triton kernels, a torch path, a custom op.
 
 What moves (N samples, R reward columns, G groups; fp32 rewards, bf16/fp16 halve the reward bytes):
   sort          torch.sort(group_ids, stable=True) + searchsorted -> perm [N], segment offsets [G+1]
@@ -373,7 +373,7 @@ def group_advantages(
     clip: float | None = None,
     validate: bool = False,
 ) -> torch.Tensor:
-    """Group-normalized GRPO advantages (SPEC §5.3, API.md §1.3). Returns ``[N]`` float32.
+    """Group-normalized GRPO advantages (docs/method.md §5.3, docs/kernels.md §4). Returns ``[N]`` float32.
 
     ``rewards``: ``[N]`` or ``[N, R]`` (R reward models; float32/bf16/fp16, float64 runs in float64 on
     the torch path and returns float64); ``group_ids``: ``[N]`` integers in ``[0, num_groups)`` (e.g.

@@ -1,4 +1,4 @@
-"""DMD and AC-DMD generator losses (SPEC §3, §4.3): Triton kernels, a torch path, autograd, custom ops.
+"""DMD and AC-DMD generator losses (docs/method.md §3, §4.3): Triton kernels, a torch path, autograd, custom ops.
 
 What moves per element (fp32 inputs; bf16/fp16 halve the input bytes):
   dmd_loss     pass A reads x, x_real            -> per-chunk partial sums of |x - x_real|   8 B
@@ -44,7 +44,7 @@ if triton_available():
 
     @triton.jit
     def _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE: tl.constexpr):
-        # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (SPEC §2.1); also the CFG scale.
+        # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (docs/method.md §2.1); also the CFG scale.
         sig_s = per_sample_value(sched_ptr, b, 0, 5, s_s, PER_SAMPLE)
         sig_t = per_sample_value(sched_ptr, b, 1, 5, s_t, PER_SAMPLE)
         ce = per_sample_value(sched_ptr, b, 3, 5, c_eta, PER_SAMPLE)
@@ -261,7 +261,7 @@ def _ac_forward_impl(x_s, x_t, v_real, v_fake, noise, v_uncond, sched, sched_val
             s_s, s_t, gs, ce, se = (sched[:, i].to(cd).unsqueeze(1) for i in range(5))
         else:
             s_s, s_t, gs, ce, se = sched_vals
-        # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (SPEC §2.1)
+        # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (docs/method.md §2.1)
         a = (1.0 - s_s) + s_s * ce
         k = s_s * ce * (1.0 - s_t) - (1.0 - s_s) * s_t
         c = s_s * se
@@ -411,7 +411,7 @@ def dmd_loss(
     eps: float = 0.0,
     return_stats: bool = False,
 ):
-    """DMD generator loss with the gradient made in the forward (SPEC §3, API.md §1.1).
+    """DMD generator loss with the gradient made in the forward (docs/method.md §3, docs/kernels.md §2).
 
     ``g = nan_to_num((x_fake - x_real) / n)`` with ``n = mean|x - x_real| + eps`` per sample
     (``"per_sample"``: DMD2, RTDMD), over the batch (``"global"``: FastVideo) or ``1 + eps``
@@ -448,7 +448,7 @@ def ac_dmd_loss(
     eps: float = 0.0,
     return_stats: bool = False,
 ):
-    """AC-DMD generator loss, fused (SPEC §4.3, API.md §1.1).
+    """AC-DMD generator loss, fused (docs/method.md §4.3, docs/kernels.md §2).
 
     Teacher velocity ``v_r = v_real_uncond + guidance_scale * (v_real - v_real_uncond)`` (or
     ``v_real``); CPS transitions from ``(x_t, sigma_t)`` back to ``sigma_s`` with ``v_r`` and with

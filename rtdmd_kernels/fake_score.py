@@ -1,4 +1,4 @@
-"""Fake-score side of AC-DMD (SPEC §4.1-4.2, API.md §1.4): renoise, the fake-score loss and the
+"""Fake-score side of AC-DMD (docs/method.md §4.1-4.2, docs/kernels.md §5): renoise, the fake-score loss and the
 consistency regularizer. Triton kernels, a torch path, autograd, custom ops.
 
 What moves per element (fp32 inputs; bf16/fp16 halve those bytes):
@@ -459,7 +459,7 @@ class _ConsistencyFunction(torch.autograd.Function):
 
 
 def _sub_interval(sigma_s, sigma_t, exact: bool):
-    """Per-sample ``(a, sigma_ts, sigma_ts/(1-sigma_s), beta)`` of SPEC §4.1.3-4, from floats (math in
+    """Per-sample ``(a, sigma_ts, sigma_ts/(1-sigma_s), beta)`` of docs/method.md §4.1.3-4, from floats (math in
     double, returned as floats) or ``[B]`` tensors (float64 math, returned in float32, float64 when
     ``exact`` or a sigma is float64)."""
     (ss, st), out = C.schedule_math((sigma_s, sigma_t))
@@ -502,7 +502,7 @@ def _check_weight_max(weight_max: float) -> float:
 
 
 def renoise(x_s: torch.Tensor, noise: torch.Tensor, sigma_s: C.Scalar, sigma_t: C.Scalar) -> torch.Tensor:
-    """Forward renoise from level ``sigma_s`` to ``sigma_t`` (SPEC §4.1.3, the reference's ``flow_forward_v2``).
+    """Forward renoise from level ``sigma_s`` to ``sigma_t`` (method.md §4.1.3, the reference's ``flow_forward_v2``).
 
     ``a = (1-sigma_t)/(1-sigma_s)``, ``sigma_ts = sqrt(max(sigma_t^2 - a^2*sigma_s^2, 1e-12))``,
     ``x_t = a*x_s + sigma_ts*noise`` in ``x_s.dtype`` (fp32 arithmetic). ``sigma_s``, ``sigma_t``: floats
@@ -527,7 +527,7 @@ def fake_score_loss(
     *,
     weight_max: float = 10.0,
 ) -> torch.Tensor:
-    """AC-DMD fake-score loss with the shipped ``move_scale_out=True`` target (SPEC §4.2, API.md §1.4).
+    """AC-DMD fake-score loss with the shipped ``move_scale_out=True`` target (docs/method.md §4.2, docs/kernels.md §5).
 
     With ``a``, ``sigma_ts`` of ``renoise`` and ``beta = sigma_t + (1-sigma_t)*sigma_s^2/(1-sigma_s)^2``:
     ``target = -(sigma_ts/(1-sigma_s))*x_s + beta*noise`` (never materialised), ``scale = sigma_ts``,
@@ -560,7 +560,7 @@ def consistency_loss(
     v2: torch.Tensor,
     sigma_p: C.Scalar,
 ) -> torch.Tensor:
-    """Consistency regularizer of the fake score (SPEC §4.2, API.md §1.4).
+    """Consistency regularizer of the fake score (docs/method.md §4.2, docs/kernels.md §5).
 
     ``h0 = x_t - sigma_t*v_hat``, ``h1 = x1 - sigma_p*v1``, ``h2 = x2 - sigma_p*v2``; returns
     ``nan_to_num(mean((h1-h0)*(h2-h0)))`` as a float32 scalar (may be negative; NaN -> 0, +-inf -> +-the

@@ -1,4 +1,4 @@
-"""CPS sampler step, policy log-prob and the fused PPO clip loss (SPEC §2.1, §5.1, §5.4; API.md §1.2).
+"""CPS sampler step, policy log-prob and the fused PPO clip loss (docs/method.md §2.1, §5.1, §5.4; docs/kernels.md §3).
 
 Both the CPS mean and Flow-GRPO's "sde" mean are affine in (x, v) with per-sample coefficients,
 ``mean = a*x + k*v``; every kernel here takes (a, k, ...) per sample (Python floats, or a packed
@@ -14,7 +14,7 @@ What moves per element (fp32 inputs; bf16/fp16 halve those bytes):
                  finalize: one program over B         -> logp, ratio, loss, stats, per-sample coefficients
                  bwd reads the residual(s)            -> dv = go*(c1_b*res + c2_b*res2)  4-8 R + 4 W
 Why fused this way: the PPO loss needs a full per-sample reduction before any gradient can be
-formed, and the gradient in v is a per-sample coefficient times the residual (SPEC §5.4), so pass 1
+formed, and the gradient in v is a per-sample coefficient times the residual (docs/method.md §5.4), so pass 1
 writes the residual and the tiny finalize turns the partial sums into every scalar at once; backward
 is one multiply. Partial sums are per (sample, chunk), reduced in a fixed order: deterministic, and
 cps_logprob and ppo_clip_loss share pass 1 and the finalize, so a log-prob recomputed from the same
@@ -692,7 +692,7 @@ def cps_step(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CPS sampler step (SPEC §2.1, API.md §1.2): returns ``(x_next, mean)`` in ``x.dtype``.
+    """One CPS sampler step (docs/method.md §2.1, docs/kernels.md §3): returns ``(x_next, mean)`` in ``x.dtype``.
 
     ``mean = (1-sn)(x - s*v) + sn*cos(eta*pi/2)*(x + (1-s)*v)``, ``x_next = mean + sn*sin(eta*pi/2)*noise``
     (the Euler step where ``sn = 0`` or ``eta = 0``; with ``eta = 0`` it matches diffusers'
@@ -724,7 +724,7 @@ def cps_logprob(
     kind: str = "cps",
     sigma_max: C.Scalar | None = None,
 ) -> torch.Tensor:
-    """Per-sample log-prob of ``x_next`` under the step from ``(x, sigma)`` with velocity ``v`` (SPEC §5.1).
+    """Per-sample log-prob of ``x_next`` under the step from ``(x, sigma)`` with velocity ``v`` (docs/method.md §5.1).
 
     ``kind="cps"``: the reference's surrogate ``-mean_d (x_next - mean)^2``. ``kind="sde"``:
     Flow-GRPO's Gaussian log-density averaged over elements, ``std = sqrt(s/(1-s'))*eta`` with
@@ -755,7 +755,7 @@ def ppo_clip_loss(
     kl_coef: float = 0.0,
     return_stats: bool = False,
 ):
-    """Fused PPO clip loss of one sampler step (SPEC §5.4, API.md §1.2), gradient in ``v`` only.
+    """Fused PPO clip loss of one sampler step (docs/method.md §5.4, docs/kernels.md §3), gradient in ``v`` only.
 
     ``A = clamp(advantages, +-adv_clip)``, ``logp = cps_logprob(...)``, ``r = exp(logp - old_logp)``,
     loss ``= mean_b max(-A*r, -A*clamp(r, 1-clip_range, 1+clip_range))`` (+ ``kl_coef *

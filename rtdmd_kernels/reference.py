@@ -2,7 +2,7 @@
 
 This is the executable spec, the test oracle (call it on float64 inputs) and the "what people run
 today" baseline of the benchmarks (call it on the trainer's dtypes). Nothing here is fused or fast.
-Source of the semantics: SPEC.md (the authors' code at Harahan/RTDMD@6c3cb03), written anew.
+Source of the semantics: the authors' code at Harahan/RTDMD@6c3cb03 as docs/method.md describes it, written anew.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _per_sample(value, like: torch.Tensor):
 
 
 def dmd_loss(x, x_fake, x_real, *, normalize="per_sample", eps=0.0, return_stats=False):
-    """SPEC §3 step by step: the no-grad part in ``x.dtype``, then the float64 surrogate MSE."""
+    """docs/method.md §3 step by step: the no-grad part in ``x.dtype``, then the float64 surrogate MSE."""
     with torch.no_grad():
         p_real = x - x_real
         p_fake = x - x_fake
@@ -54,7 +54,7 @@ def _eta_cos_sin(eta_v):
 
 
 def cps_transition(x, v, sigma, sigma_next, eta, noise):
-    """One CPS step (SPEC §2.1) computed in at least float32: Euler where sigma_next = 0 or eta = 0."""
+    """One CPS step (docs/method.md §2.1) computed in at least float32: Euler where sigma_next = 0 or eta = 0."""
     work = torch.promote_types(x.dtype, torch.float32)
     x, v, noise = x.to(work), v.to(work), noise.to(work)
     sigma, sigma_next, eta_v = _per_sample(sigma, x), _per_sample(sigma_next, x), _per_sample(eta, x)
@@ -70,7 +70,7 @@ def cps_transition(x, v, sigma, sigma_next, eta, noise):
 
 def ac_dmd_loss(x_s, x_t, v_real, v_fake, noise, sigma_s, sigma_t, *, v_real_uncond=None,
                 guidance_scale=1.0, eta=0.9, normalize="per_sample", eps=0.0, return_stats=False):
-    """SPEC §4.3: teacher CFG in the inputs' dtype, both CPS transitions back to sigma_s with the
+    """docs/method.md §4.3: teacher CFG in the inputs' dtype, both CPS transitions back to sigma_s with the
     shared noise (each cast to ``x_t.dtype``), then ``dmd_loss``."""
     with torch.no_grad():
         if v_real_uncond is not None:
@@ -83,14 +83,14 @@ def ac_dmd_loss(x_s, x_t, v_real, v_fake, noise, sigma_s, sigma_t, *, v_real_unc
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampler step with log-prob and the PPO clip loss (SPEC §2.1, §5.1, §5.4)
+# Sampler step with log-prob and the PPO clip loss (docs/method.md §2.1, §5.1, §5.4)
 
 
 def cps_step_with_logprob(x, v, sigma, sigma_next, eta, noise=None, x_next=None, kind="cps", sigma_max=None):
     """``sde_step_with_logprob``: one step from ``(x, sigma)`` to ``sigma_next`` in at least float32.
 
-    Returns ``(x_next, log_prob [B], mean, std)``. ``kind="cps"``: the CPS mean (SPEC §2.1), std =
-    sigma_next*sin(eta*pi/2) and the surrogate ``-mean_d (x_next - mean)^2`` (SPEC §5.1). ``kind="sde"``:
+    Returns ``(x_next, log_prob [B], mean, std)``. ``kind="cps"``: the CPS mean (docs/method.md §2.1), std =
+    sigma_next*sin(eta*pi/2) and the surrogate ``-mean_d (x_next - mean)^2`` (docs/method.md §5.1). ``kind="sde"``:
     Flow-GRPO's mean, ``std = sqrt(sigma/(1-sigma'))*eta`` (sigma' = sigma_max where sigma >= 1) and
     the Gaussian log-density of ``x_next`` with ``sd = std*sqrt(-dt)``, averaged over elements.
     ``x_next`` given: scored (detached); else drawn with ``noise`` (standard normal when None).
@@ -138,7 +138,7 @@ def cps_step_with_logprob(x, v, sigma, sigma_next, eta, noise=None, x_next=None,
 
 def ppo_clip_loss(x, v, x_next, old_logp, advantages, sigma, sigma_next, *, eta, kind="cps", clip_range=1e-5,
                   adv_clip=5.0, sigma_max=None, v_ref=None, kl_coef=0.0, return_stats=False):
-    """SPEC §5.4 with plain torch ops and autograd (gradient in ``v`` only): log-prob of the stored
+    """docs/method.md §5.4 with plain torch ops and autograd (gradient in ``v`` only): log-prob of the stored
     ``x_next`` under the current ``v``, ratio, advantage clamp, clipped surrogate, optional KL."""
     x, x_next = x.detach(), x_next.detach()
     _, log_prob, mean, std = cps_step_with_logprob(x, v, sigma, sigma_next, eta, x_next=x_next, kind=kind,
@@ -172,7 +172,7 @@ def ppo_clip_loss(x, v, x_next, old_logp, advantages, sigma, sigma_next, *, eta,
 
 
 # ---------------------------------------------------------------------------------------------
-# AC-DMD fake-score side (SPEC §4.1-4.2): renoise, the fake-score target and loss, consistency
+# AC-DMD fake-score side (docs/method.md §4.1-4.2): renoise, the fake-score target and loss, consistency
 
 
 def _sub_interval(x, sigma_s, sigma_t):
@@ -185,7 +185,7 @@ def _sub_interval(x, sigma_s, sigma_t):
 
 
 def renoise(x_s, noise, sigma_s, sigma_t):
-    """``flow_forward_v2`` (SPEC §4.1.3) in at least float32: ``a*x_s + sigma_ts*noise``, cast to x_s's dtype."""
+    """``flow_forward_v2`` (method.md §4.1.3) in at least float32: ``a*x_s + sigma_ts*noise``, cast to x_s's dtype."""
     work = torch.promote_types(x_s.dtype, torch.float32)
     x, n = x_s.to(work), noise.to(work)
     _, _, a, sigma_ts = _sub_interval(x, sigma_s, sigma_t)
@@ -193,7 +193,7 @@ def renoise(x_s, noise, sigma_s, sigma_t):
 
 
 def fake_score_target(x_s, noise, sigma_s, sigma_t, move_scale_out=True):
-    """``flow_forward_target_v2`` (SPEC §4.1.4) in at least float32: returns ``(target, scale)``.
+    """``flow_forward_target_v2`` (docs/method.md §4.1.4) in at least float32: returns ``(target, scale)``.
 
     ``move_scale_out=True`` (shipped): ``target = -(sigma_ts/(1-sigma_s))*x_s + beta*noise``,
     ``scale = sigma_ts``; False: ``target = -x_s/(1-sigma_s) + (beta/sigma_ts)*noise``, ``scale = 1``.
@@ -208,7 +208,7 @@ def fake_score_target(x_s, noise, sigma_s, sigma_t, move_scale_out=True):
 
 
 def fake_score_loss(v_hat, x_s, noise, sigma_s, sigma_t, *, weight_max=10.0, move_scale_out=True):
-    """SPEC §4.2: ``loss_raw = (v_hat*scale - target)^2``, ``w = nan_to_num(clamp(1/max(scale^2, 1e-12),
+    """docs/method.md §4.2: ``loss_raw = (v_hat*scale - target)^2``, ``w = nan_to_num(clamp(1/max(scale^2, 1e-12),
     0, weight_max), nan->0, +inf->weight_max, -inf->0)``, ``mean(w*loss_raw)``; gradient in v_hat only."""
     work = torch.promote_types(torch.promote_types(v_hat.dtype, x_s.dtype), torch.float32)
     target, scale = fake_score_target(x_s.detach().to(work), noise.detach().to(work), sigma_s, sigma_t,
@@ -220,7 +220,7 @@ def fake_score_loss(v_hat, x_s, noise, sigma_s, sigma_t, *, weight_max=10.0, mov
 
 
 def consistency_loss(x_t, v_hat, sigma_t, x1, v1, x2, v2, sigma_p):
-    """SPEC §4.2 consistency: ``h = x - sigma*v`` (fp32 at least), ``nan_to_num(mean((h1-h0)*(h2-h0)))``;
+    """docs/method.md §4.2 consistency: ``h = x - sigma*v`` (fp32 at least), ``nan_to_num(mean((h1-h0)*(h2-h0)))``;
     gradients in v_hat, v1, v2 (x_t, x1, x2 are constants)."""
     work = torch.promote_types(torch.promote_types(x_t.dtype, v_hat.dtype), torch.float32)
     for t in (x1, v1, x2, v2):
@@ -234,7 +234,7 @@ def consistency_loss(x_t, v_hat, sigma_t, x1, v1, x2, v2, sigma_p):
 
 
 # ---------------------------------------------------------------------------------------------
-# GRPO advantages (SPEC §5.3, ANCHORS §4): what flow_grpo / RTDMD, TRL and DanceGRPO run today.
+# GRPO advantages (docs/method.md §5.3, docs/kernels.md §4.1): what flow_grpo / RTDMD, TRL and DanceGRPO run today.
 # numpy on the host (flow_grpo / RTDMD) or eager torch (TRL, DanceGRPO), loops over prompts and all.
 
 
@@ -278,7 +278,7 @@ class PerPromptStatTracker:
 
 
 def rtdmd_weighted_advantages(rewards, prompts, weights):
-    """RTDMD's ``weight_advantages`` mode (SPEC §5.3): for each reward k a FRESH tracker with the
+    """RTDMD's ``weight_advantages`` mode (docs/method.md §5.3): for each reward k a FRESH tracker with the
     global std gives ``A_k``; then ``A = Σ_k w_k A_k`` and ``A = (A - mean A) / (std A + 1e-4)``.
 
     ``rewards``: a dict ``name -> [N]`` (then ``weights`` is a dict with the same names) or an

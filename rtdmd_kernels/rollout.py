@@ -1,4 +1,4 @@
-"""Memory-efficient back-propagation through the unrolled CPS sampler (API.md §1.5, SPEC §2.2, §2.3, §7).
+"""Memory-efficient back-propagation through the unrolled CPS sampler (kernels.md §6, method.md §2.2, §2.3, §7).
 
 ``checkpointed_rollout`` runs K CPS steps (``rk.cps_step``) of a velocity model and lets gradient flow
 from the final latent to ``x_T`` and to the model's parameters:
@@ -196,7 +196,7 @@ def checkpointed_decode(
     """``decode_fn`` over ``latents`` in chunks of ``chunk_size`` samples, each under non-reentrant
     checkpoint, concatenated along dim 0.
 
-    The differentiable VAE decode of the reward path (SPEC §7; the reference decodes with grad and no
+    The differentiable VAE decode of the reward path (docs/method.md §7; the reference decodes with grad and no
     checkpointing): only each chunk's input latent is kept, and the decoder is re-run chunk by chunk in
     backward, so the decoder's activations exist for one chunk at a time. ``decode_fn`` maps a
     ``[b, ...]`` latent chunk to a ``[b, ...]`` tensor (e.g. ``lambda z: vae.decode(z).sample``). The

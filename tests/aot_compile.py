@@ -2,7 +2,7 @@
 
 Run as a script in a process where TRITON_INTERPRET is NOT set (interpreted kernels cannot be
 compiled). Exit status 0 when every spec compiled; prints one line per spec. Used by
-tests/test_aot_compile.py; each kernel issue adds its kernels' specs to SPECS.
+tests/test_aot_compile.py; a new kernel adds its compile cases to COMPILE_CASES.
 """
 
 from __future__ import annotations
@@ -158,12 +158,12 @@ def _fake_score_specs():
         yield (f"mean_finalize nan_to_num={nan_to_num}", F._mean_finalize_kernel,
                *_sig(args, {"NAN_TO_NUM": nan_to_num, "BLOCK": F.FINAL_BLOCK}))
 
-SPECS = list(_dmd_specs()) + list(_policy_specs()) + list(_advantage_specs()) + list(_fake_score_specs())
+COMPILE_CASES = list(_dmd_specs()) + list(_policy_specs()) + list(_advantage_specs()) + list(_fake_score_specs())
 KERNEL_MODULES = [dmd, policy, advantage, fake_score]
 
 
 def covered_kernels() -> set[str]:
-    return {fn.__name__ for _, fn, _, _ in SPECS}
+    return {fn.__name__ for _, fn, _, _ in COMPILE_CASES}
 
 
 def all_kernels() -> set[str]:
@@ -174,10 +174,10 @@ def all_kernels() -> set[str]:
 def main() -> int:
     missing = all_kernels() - covered_kernels()
     if missing:
-        print(f"MISSING SPECS for kernels: {sorted(missing)}")
+        print(f"MISSING COMPILE_CASES for kernels: {sorted(missing)}")
         return 1
     failed = 0
-    for name, fn, signature, constexprs in SPECS:
+    for name, fn, signature, constexprs in COMPILE_CASES:
         try:
             compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                       target=TARGET)

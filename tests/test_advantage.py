@@ -1,9 +1,9 @@
-"""Tests of the group-normalized GRPO advantages (API.md §1.3, SPEC §5.3, ANCHORS §4).
+"""Tests of the group-normalized GRPO advantages (docs/kernels.md §4, docs/method.md §5.3, docs/kernels.md §4.1).
 
 Oracles, all in float64 on the rewards as the op sees them (already rounded to the test dtype, so
 only the op's own float32 arithmetic counts): the reference trainers transcribed in
 ``rtdmd_kernels.reference`` (flow_grpo / RTDMD tracker, RTDMD weighted mode, TRL, DanceGRPO), and
-``_oracle`` below, a loop-per-group numpy statement of API.md §1.3 for the edge cases the
+``_oracle`` below, a loop-per-group numpy statement of docs/kernels.md §4 for the edge cases the
 references do not define (NaN groups, singleton groups with ddof=1, empty groups, weights, clip).
 Advantages are O(1) numbers made in float32 from float32 statistics: 2e-5 relative to max|oracle|
 (~170 float32 ulps) leaves room for sums over a few hundred rewards and the division by std + eps.
@@ -34,7 +34,7 @@ def _close(ours, expected, rtol=RTOL):
 
 
 def _oracle(rewards, ids, G, *, scale="group", ddof=0, eps=1e-4, weights=None, restandardize=False, clip=None):
-    """API.md §1.3 in float64 numpy, one group at a time."""
+    """docs/kernels.md §4 in float64 numpy, one group at a time."""
     r = np.asarray(rewards, dtype=np.float64)
     r = r.reshape(r.shape[0], -1)
     ids = np.asarray(ids)
@@ -148,7 +148,7 @@ def test_tracker_history_and_clear():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. API.md §1.3 semantics against the oracle, edge cases included
+# 2. docs/kernels.md §4 semantics against the oracle, edge cases included
 
 
 def _edge_case(R, device):

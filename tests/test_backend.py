@@ -1,4 +1,4 @@
-"""Backend selection rules (API.md §1) and the import contract of rtdmd_kernels."""
+"""Backend selection rules (docs/kernels.md §1) and the import contract of rtdmd_kernels."""
 
 from __future__ import annotations
 

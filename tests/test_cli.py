@@ -1,4 +1,4 @@
-"""The command line (API.md §2.1): run folder, summary, resume, sampling, and one-line exit-2 errors."""
+"""The command line (docs/training.md §1): run folder, summary, resume, sampling, and one-line exit-2 errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
 """Every public op under torch.compile(fullgraph=True), forward and backward, and bitwise determinism run to run
-(issue 11: "every op works under torch.compile(fullgraph=True) without graph breaks, and is deterministic").
 
 One table of builders, one case per op and schedule kind: fresh random inputs (never zeros), odd shapes, float32.
 Each case runs on every backend of ``device_backend`` (torch; Triton through the interpreter on CPU).

@@ -1,4 +1,4 @@
-"""The trainer config (API.md §2.1): presets, --config files, --set overrides, validation, hashing."""
+"""The trainer config (docs/training.md §1): presets, --config files, --set overrides, validation, hashing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prompt files for the real presets (API.md §2.1): .txt and .jsonl, metadata riding on the prompt string."""
+"""Prompt files for the real presets (docs/training.md §1): .txt and .jsonl, metadata riding on the prompt string."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real backbones on tiny pipelines (issue 9): SD3 and FLUX.2-klein built in the test, saved with
+"""Real backbones on tiny pipelines: SD3 and FLUX.2-klein built in the test, saved with
 ``save_pretrained`` and loaded through the trainer's own loading code. One stage-1 step and one stage-2 epoch
 per backbone, LoRA-only training on a shared frozen base, reward gradients reaching the generator's LoRA,
 block checkpointing under adapter switching, the LoRA round trip into the stock diffusers pipeline with our
@@ -129,7 +129,7 @@ def test_one_stage2_epoch_on_frozen_stage1_adapters(folders, kind, tmp_path):
     frozen = {k: p.detach().clone() for k, p in core.generator_base.named_adapter_parameters(S1_GENERATOR)}
     assert all(torch.equal(frozen[k], s1["generator_ema"][k]) for k in frozen)  # stage 1's EMA, unmerged
     assert not any(p.requires_grad for _, p in core.base.named_adapter_parameters(S1_FAKE))
-    # SPEC §13.3: the fresh adapter's A ~ N(0, 1) and B = 0, so stage 2 starts exactly at stage 1's generator
+    # docs/method.md §13.3: the fresh adapter's A ~ N(0, 1) and B = 0, so stage 2 starts exactly at stage 1's generator
     a = torch.cat([p.flatten() for k, p in state.generator.named_parameters() if ".lora_A." in k])
     assert 0.8 < float(a.std()) < 1.2
     assert all(float(p.abs().max()) == 0 for k, p in state.generator.named_parameters() if ".lora_B." in k)
@@ -310,7 +310,7 @@ def test_a_folder_that_is_not_a_pipeline_is_one_line(folders, tmp_path, capsys):
 def test_sd3_conditioning_uses_the_references_t5_length(folders, tmp_path):
     _, core = load_tiny(folders, "sd3", tmp_path)
     cond = core.encode(PROMPTS[:3])
-    assert cond["prompt_embeds"].shape[:2] == (3, 77 + 128)  # CLIP 77 + T5 128 (SPEC §13.13), not 77 + 256
+    assert cond["prompt_embeds"].shape[:2] == (3, 77 + 128)  # CLIP 77 + T5 128 (docs/method.md §13.13), not 77 + 256
     assert cond["pooled"].shape[0] == 3
     empty = core.encode(["", ""])  # the CFG branch: "" encoded once and expanded
     assert empty["prompt_embeds"].shape[0] == 2 and core.encode([""])["prompt_embeds"].data_ptr() == \
@@ -318,7 +318,7 @@ def test_sd3_conditioning_uses_the_references_t5_length(folders, tmp_path):
 
 
 def test_flux2_timestep_is_quantised_through_the_model_dtype(folders, tmp_path):
-    """SPEC §13.5: FLUX.2 sees bf16(1000σ)/1000 — 958.09 -> 960 -> 0.9609375 — as its pipeline feeds it."""
+    """docs/method.md §13.5: FLUX.2 sees bf16(1000σ)/1000 — 958.09 -> 960 -> 0.9609375 — as its pipeline feeds it."""
     cfg = load_config(config_file=tiny_config(folders, "flux2", tmp_path))
     cfg.model.dtype = "bfloat16"
     core = load_core(cfg.model, CPU)

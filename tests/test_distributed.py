@@ -1,4 +1,4 @@
-"""Data-parallel training on CPU with two processes (gloo), launched with PyTorch's own ``torchrun`` (issue 10):
+"""Data-parallel training on CPU with two processes (gloo), launched with PyTorch's own ``torchrun``:
 one step with 2 ranks x B/2 equals one process with B (losses and updated weights), advantages over ranks equal
 the single-process ones, both strategies run the CLI end to end, and resume works (and refuses another world
 size with one line)."""

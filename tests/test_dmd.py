@@ -1,12 +1,12 @@
-"""Tests of the fused DMD / AC-DMD generator losses (API.md §1.1, SPEC §3 and §4.3).
+"""Tests of the fused DMD / AC-DMD generator losses (docs/kernels.md §2, docs/method.md §3 and §4.3).
 
-The oracle is ``rtdmd_kernels.reference`` evaluated in float64. Tolerances follow DESIGN.md "Tests"
+The oracle is ``rtdmd_kernels.reference`` evaluated in float64. Tolerances follow docs/kernels.md §8
 (flash-attn style): for every compared quantity,
 
     max|ours - oracle| <= 2 * max|reference_in_the_same_low_precision - oracle| + atol,
 
 with ``atol`` relative to ``max|oracle|``. Loss, normalizer and grad_norm are computed in float32
-whatever the input dtype (API.md §1 "All arithmetic is float32 inside"), so on top of that rule they
+whatever the input dtype (docs/kernels.md §1 "All arithmetic is float32 inside"), so on top of that rule they
 must match the oracle to float32 accuracy; only the gradient, stored in ``x.dtype``, gets a
 dtype-scaled atol.
 """
@@ -86,7 +86,7 @@ def _amax(t):
 
 
 def assert_rule(name, ours, oracle, lowp, atol_rel, strict_rel=None):
-    """DESIGN.md rule: err(ours) <= 2 * err(reference in low precision) + atol_rel * max|oracle|.
+    """The rule of docs/kernels.md §8: err(ours) <= 2 * err(reference in low precision) + atol_rel * max|oracle|.
 
     ``strict_rel``: also require err(ours) <= strict_rel * max|oracle| (fp32-internal quantities).
     """
@@ -274,7 +274,7 @@ def test_ac_dmd_float64_equals_dmd_on_transitions(config, normalize):
 
 @pytest.mark.parametrize("config", ["tensor-sigmas-cfg", "tensor-sigmas-eta"])
 def test_ac_dmd_float64_tensor_schedules_exact(config):
-    """float64 inputs with float64 [B] schedule tensors run in float64 (API.md §1 Dtypes)."""
+    """float64 inputs with float64 [B] schedule tensors run in float64 (docs/kernels.md §1 Dtypes)."""
     shape = (4, 3, 5)
     sched, uncond = _schedule(config, shape[0], "cpu")
     sched = {k: (v.double() + 1e-3 if isinstance(v, torch.Tensor) else v) for k, v in sched.items()}
@@ -384,7 +384,7 @@ def test_dmd_loss_nan_parity(device_backend, dtype):
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
 def test_dmd_loss_tiny_grad_out(device_backend, dtype):
-    """The RL stage scales the loss by 0.001 / 48 (SPEC §3): grad_out / N is then below fp16's
+    """The RL stage scales the loss by 0.001 / 48 (docs/method.md §3): grad_out / N is then below fp16's
     smallest subnormal, yet the gradient (a converged generator: x near x_real, so |g| ~ 1e3) is
     still g * grad_out / N to x.dtype rounding -- the scale must not be rounded to x.dtype first."""
     device, _ = device_backend

@@ -1,4 +1,4 @@
-"""The toy evaluation (TOY.md "Evaluation"): Fréchet distance, the metric rows and the table."""
+"""The toy evaluation (docs/toy.md §7): Fréchet distance, the metric rows and the table."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Tests of the fake-score side of AC-DMD: renoise, fake_score_loss and consistency_loss (API.md §1.4,
-SPEC §4.1-4.2).
+"""Tests of the fake-score side of AC-DMD: renoise, fake_score_loss and consistency_loss (docs/kernels.md §5,
+docs/method.md §4.1-4.2).
 
-The oracle is ``rtdmd_kernels.reference`` evaluated in float64; tolerances follow DESIGN.md "Tests"
+The oracle is ``rtdmd_kernels.reference`` evaluated in float64; tolerances follow docs/kernels.md §8
 as in test_dmd.py: ``err(ours) <= 2 * err(reference in the same low precision) + atol * max|oracle|``.
 Losses are float32-internal (inputs upcast exactly), so they must also be within float32 accuracy of
 the oracle; per-element outputs and gradients get a dtype-scaled atol.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_dmd import _amax, _f64, assert_rule  # the oracle-comparison rule of DESIGN.md "Tests"
+from test_dmd import _amax, _f64, assert_rule  # the oracle-comparison rule of docs/kernels.md §8
 from test_policy import ATOL, DEVICE, DTYPE_PAIRS, FP32_RTOL, SHAPES, TRITON_OK, _leaf, needs_triton
 
 import rtdmd_kernels as rk
@@ -85,7 +85,7 @@ def test_renoise_parity(device_backend, x_dtype, n_dtype, config, shape):
 
 
 def test_renoise_stage2_exact(device_backend):
-    """sigma_s = 0: x_t = (1 - sigma_t)*x0 + sigma_t*noise exactly as in fp32 arithmetic (SPEC §4.1.3)."""
+    """sigma_s = 0: x_t = (1 - sigma_t)*x0 + sigma_t*noise exactly as in fp32 arithmetic (docs/method.md §4.1.3)."""
     device, _ = device_backend
     x, n = torch.randn(3, 700, device=device), torch.randn(3, 700, device=device)
     for st in (0.02, 0.98, 0.5):
@@ -146,7 +146,7 @@ def test_fake_score_loss_weight_max(device_backend, weight_max, config):
 
 @pytest.mark.parametrize("config", ["scalar", "stage2-t0.02", "s0.9-t0.98", "tensor"])
 def test_move_scale_out_equivalence(device_backend, config):
-    """SPEC §4.2: the shipped loss equals mean(min(1, 10*sigma_ts^2) * (v_hat - target_F)^2)."""
+    """docs/method.md §4.2: the shipped loss equals mean(min(1, 10*sigma_ts^2) * (v_hat - target_F)^2)."""
     device, _ = device_backend
     shape = (4, 8, 9)
     sched = _sched(("sigma_s", "sigma_t"), SUB_CONFIGS[config], shape[0], device)
@@ -239,7 +239,7 @@ def test_consistency_nonfinite(device_backend, kind, dtype):
     assert ours[0].dtype == F32 and ours[0].item() == want == lowp[0].item()
     for g, r in zip(ours[1:], lowp[1:], strict=True):
         # The reference's autograd multiplies that zero by the residual: NaN where a residual is NaN.
-        # API.md §1.4 asks for zero gradients, so ours are 0 everywhere.
+        # docs/kernels.md §5 asks for zero gradients, so ours are 0 everywhere.
         assert torch.equal(g, torch.zeros_like(g))
         assert torch.equal(torch.nan_to_num(r, nan=0.0).to(g.dtype), g)
 

@@ -1,4 +1,4 @@
-"""CLIP-family image rewards (SPEC §7, §11, §13.15), the HPS open_clip converter and plug-in rewards.
+"""CLIP-family image rewards (docs/method.md §7, §11, §13.15), the HPS open_clip converter and plug-in rewards.
 
 Every scorer is built through ``build_image_reward`` from tiny local folders (tests/tiny_clip.py) and compared with
 a direct transformers computation written out here.
@@ -226,7 +226,7 @@ def test_advantage_path_quantizes(rewards):
 
 
 def test_pickscore_paths_differ_in_interpolation(rewards):
-    """BP uses bilinear, the rollout bicubic (SPEC §13.15): on resized images the two paths differ a little."""
+    """BP uses bilinear, the rollout bicubic (method.md §13.15): on resized images the two paths differ a little."""
     x = quantize_uint8(_images(h=64, w=80, seed=7))
     a, b = rewards["pickscore"].advantage_score(x, PROMPTS), rewards["pickscore"](x, PROMPTS)
     assert not torch.allclose(a, b, atol=1e-6) and torch.allclose(a, b, atol=0.05)

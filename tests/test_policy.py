@@ -1,7 +1,7 @@
-"""Tests of the CPS sampler step, the policy log-prob and the fused PPO clip loss (API.md §1.2,
-SPEC §2.1, §5.1, §5.4).
+"""Tests of the CPS sampler step, the policy log-prob and the fused PPO clip loss (docs/kernels.md §3,
+docs/method.md §2.1, §5.1, §5.4).
 
-The oracle is ``rtdmd_kernels.reference`` evaluated in float64; tolerances follow DESIGN.md "Tests"
+The oracle is ``rtdmd_kernels.reference`` evaluated in float64; tolerances follow docs/kernels.md §8
 as in test_dmd.py: ``err(ours) <= 2 * err(reference in the same low precision) + atol * max|oracle|``.
 Log-probs, losses and statistics are float32-internal (inputs upcast exactly), so they must also be
 within float32 accuracy of the oracle; per-element outputs and gradients get a dtype-scaled atol.
@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from test_dmd import _amax, _err, _f64, assert_rule  # the oracle-comparison rule of DESIGN.md "Tests"
+from test_dmd import _amax, _err, _f64, assert_rule  # the oracle-comparison rule of docs/kernels.md §8
 
 import rtdmd_kernels as rk
 from rtdmd_kernels import _backend

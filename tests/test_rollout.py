@@ -1,4 +1,4 @@
-"""Tests of the checkpointed sampler rollout and the chunked checkpointed decode (API.md §1.5, SPEC §2.2,
+"""Tests of the checkpointed sampler rollout and the chunked checkpointed decode (kernels.md §6, method.md §2.2,
 §2.3, §7).
 
 The oracle is the plain unrolled loop written here with ``rk.cps_step`` and explicit ``torch.no_grad``
@@ -244,7 +244,7 @@ def test_seeded_generator(setup):
 
 
 def test_truncated_last_step_gradient(setup):
-    """grad_steps=1: the parameters' gradient is exactly the reference's truncated one (SPEC §2.2, §7)."""
+    """grad_steps=1: the parameters' gradient is exactly the reference's truncated one (docs/method.md §2.2, §7)."""
     model, vf, shape = setup
     sigmas = torch.tensor(SIGMAS)
     x_T, noises, w = _inputs(shape, seed=6)

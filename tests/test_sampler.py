@@ -1,4 +1,4 @@
-"""Few-step sampling and rollouts (SPEC §2.3) and the randomness contract."""
+"""Few-step sampling and rollouts (docs/method.md §2.3) and the randomness contract."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sigma schedules (SPEC §1)."""
+"""Sigma schedules (docs/method.md §1)."""
 
 import pytest
 
@@ -30,7 +30,7 @@ def test_bad_shift():
         sd3_sigmas([1000], 0.0)
 
 
-# ---- FLUX.2's dynamic shift and the dispatcher (SPEC §1)
+# ---- FLUX.2's dynamic shift and the dispatcher (docs/method.md §1)
 
 import math  # noqa: E402
 
@@ -46,13 +46,13 @@ from rtdmd.schedule import (  # noqa: E402
     stretch_to_terminal,
 )
 
-SPEC_FLUX2 = [  # (px, image_seq_len, mu, sigmas) of SPEC §1, 5 decimals
+FLUX2_CASES = [  # (px, image_seq_len, mu, sigmas) of docs/method.md §1, 5 decimals
     (512, 1024, 2.03069, [1.0, 0.95809, 0.88398, 0.71750, 0.0]),
     (1024, 4096, 2.29118, [1.0, 0.96738, 0.90814, 0.76720, 0.0]),
 ]
 
 
-@pytest.mark.parametrize("px, seq, mu, sigmas", SPEC_FLUX2)
+@pytest.mark.parametrize("px, seq, mu, sigmas", FLUX2_CASES)
 def test_flux2_dynamic_shift_matches_spec(px, seq, mu, sigmas):
     assert flux2_image_seq_len(px, px) == seq
     got_mu = flux2_empirical_mu(seq, 4)

@@ -1,4 +1,4 @@
-"""``CPSScheduler``: the few-step CPS sampler as a diffusers scheduler (SPEC §1, §2.1, §2.4, §10).
+"""``CPSScheduler``: the few-step CPS sampler as a diffusers scheduler (docs/method.md §1, §2.1, §2.4, §10).
 
 The stock pipelines are not built here; the tests make exactly the calls they make (``retrieve_timesteps``
 with ``sigmas``/``mu``, ``set_begin_index``, ``step(v, t, x, return_dict=False)``) on the scheduler.
@@ -27,7 +27,7 @@ from rtdmd.scheduler import CPSScheduler, CPSSchedulerOutput
 
 STEPS = [1000, 750, 500, 250]
 SD3_SIGMAS = [1.0, 0.9, 0.75, 0.5, 0.0]
-FLUX2_SPEC = {1024: [1.0, 0.95809, 0.88398, 0.71750, 0.0], 4096: [1.0, 0.96738, 0.90814, 0.76720, 0.0]}
+FLUX2_SIGMAS = {1024: [1.0, 0.95809, 0.88398, 0.71750, 0.0], 4096: [1.0, 0.96738, 0.90814, 0.76720, 0.0]}
 FLUX2_MU = {1024: 2.03069, 4096: 2.29118}
 
 
@@ -78,25 +78,25 @@ def test_sd3_schedule_ignores_the_pipelines_step_count():
     # hands the caller's count back (only its progress bar uses it); the loop runs over the 4 timesteps
     timesteps, n = sd3_retrieve_timesteps(sched, 28, "cpu")
     assert n == 28 and timesteps.tolist() == [1000.0, 900.0, 750.0, 500.0]
-    assert CPSScheduler().timesteps.tolist() == [1000.0, 900.0, 750.0, 500.0]  # default: SPEC's SD3.5 setup
+    assert CPSScheduler().timesteps.tolist() == [1000.0, 900.0, 750.0, 500.0]  # default: SD3.5's shift 3
 
 
 @pytest.mark.parametrize("seq", [1024, 4096])
 @pytest.mark.parametrize("pipeline_steps", [1, 4, 28, 50])
 def test_flux2_schedule_from_the_pipelines_mu(seq, pipeline_steps):
-    """Klein computes mu for its own num_inference_steps; the scheduler recomputes it for K = 4 (SPEC §1)."""
+    """Klein computes mu for its own num_inference_steps; the scheduler recomputes it for K = 4 (docs/method.md §1)."""
     sched = CPSScheduler.from_config(flux2_config(), eta=0.9, denoising_steps=STEPS)
     sigmas = np.linspace(1.0, 1 / pipeline_steps, pipeline_steps)
     mu = compute_empirical_mu(image_seq_len=seq, num_steps=pipeline_steps)
     timesteps, n = flux2_retrieve_timesteps(sched, pipeline_steps, "cpu", sigmas=sigmas, mu=mu)
     assert n == 4 and round(sched.mu, 5) == FLUX2_MU[seq]
-    assert [round(s, 5) for s in sched.sigmas.double().tolist()] == FLUX2_SPEC[seq]
+    assert [round(s, 5) for s in sched.sigmas.double().tolist()] == FLUX2_SIGMAS[seq]
     assert torch.allclose(timesteps, 1000 * sched.sigmas[:-1], rtol=1e-7, atol=0)
     assert sched.image_seq_len == (None if pipeline_steps == 4 else seq)
 
 
 def test_flux2_schedule_matches_diffusers_set_timesteps_with_raw_levels():
-    """The reference passes ``u = step/1000`` as sigmas with mu to a flow-matching scheduler (SPEC §1)."""
+    """The reference passes ``u = step/1000`` as sigmas with mu to a flow-matching scheduler (docs/method.md §1)."""
     mu = compute_empirical_mu(1024, 4)
     stock = FlowMatchEulerDiscreteScheduler.from_config(flux2_config())
     stock.set_timesteps(sigmas=[s / 1000 for s in STEPS], mu=mu)
@@ -175,7 +175,7 @@ def test_step_is_rk_cps_step(dtype):
         x0 = (x.float() - SD3_SIGMAS[j] * v.float()).to(dtype)
         assert torch.equal(out.pred_original_sample, x0)
         x = out.prev_sample
-    # the last step lands on σ = 0: the output is the x0 prediction (SPEC §2.4)
+    # the last step lands on σ = 0: the output is the x0 prediction (docs/method.md §2.4)
     assert torch.allclose(out.prev_sample.float(), out.pred_original_sample.float(), atol=1e-2 if dtype ==
                           torch.bfloat16 else 1e-6)
     with pytest.raises(ValueError, match="all have run"):

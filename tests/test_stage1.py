@@ -1,4 +1,4 @@
-"""Stage 1, AC-DMD on the toy world (SPEC §4.4): each update, the fake score learning, resume, convergence."""
+"""Stage 1, AC-DMD on the toy world (docs/method.md §4.4): each update, the fake score learning, resume, convergence."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_subinterval_draws_follow_spec():
         lo = round(1000 * sigma_s) + 10
         assert s.t_r.min() >= max(lo, 20) and s.t_r.max() <= 980
         if sigma_s == 0.9:
-            assert 0.15 < (s.t_r == 980).float().mean() < 0.30  # the clamp's point mass (SPEC §13.7: 22%)
+            assert 0.15 < (s.t_r == 980).float().mean() < 0.30  # the clamp's point mass (docs/method.md §13.7: 22%)
         assert torch.equal(s.sigma_t, s.t_r.float() / 1000)
         delta = s.t_r - torch.round(s.sigma_p * 1000).long()
         assert delta.min() >= 0 and delta.max() <= 200
@@ -131,7 +131,7 @@ def test_resume_mid_run_equals_uninterrupted(cache, tmp_path):
 @pytest.mark.slow
 def test_short_run_moves_toward_the_teacher(cache):
     """600 steps from the preset's base with the preset's rates (~100 s): the 4-step generator ends much closer
-    to the teacher than the base run for 4 steps, keeps the modes and un-shrinks the samples (TOY.md "What a
+    to the teacher than the base run for 4 steps, keeps the modes and un-shrinks the samples (docs/toy.md "What a
     correct implementation shows"; the full 1200-step run is measured in bench/RESULTS.md)."""
     cfg = load_config("toy", overrides=["stage1.steps=600"])
     world = build_world(cfg)

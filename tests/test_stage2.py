@@ -1,4 +1,4 @@
-"""Stage 2, RTDMD on the toy world (SPEC §5-§8): SubGRPO pieces, one epoch, ratio/clip, advantages, resume,
+"""Stage 2, RTDMD on the toy world (docs/method.md §5-§8): SubGRPO pieces, one epoch, ratio/clip, advantages, resume,
 and a short convergence test with the reward-hacking control."""
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_sd3_text_embedding_shapes(tiny_dirs):
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(
             PROMPT, None, None, do_classifier_free_guidance=True, max_sequence_length=128
         )
-    # SPEC §1: 77 CLIP tokens (L and G concatenated on features, zero-padded to the T5 width) + 128 T5 tokens.
+    # docs/method.md §1: 77 CLIP tokens (L and G concatenated on features, zero-padded to the T5 width) + 128 T5 tokens.
     assert emb.shape == neg.shape == (1, 77 + 128, SD3_T5_WIDTH)
     assert pooled.shape == neg_pooled.shape == (1, SD3_CLIP_L_WIDTH + SD3_CLIP_G_WIDTH)
     clip_width = SD3_CLIP_L_WIDTH + SD3_CLIP_G_WIDTH

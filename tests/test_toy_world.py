@@ -1,4 +1,4 @@
-"""The analytic toy world (TOY.md): exact velocity, exact (tilted) sampling, rewards."""
+"""The analytic toy world (docs/toy.md): exact velocity, exact (tilted) sampling, rewards."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Each builder constructs every component from a config with seeded weights, wraps them in the stock pipeline
 class and writes the folder with the stock ``save_pretrained``; tests load it back with the stock
 ``from_pretrained``. The sizes are as small as the stock pipeline code allows while keeping the dimension
-relations the pipelines rely on (DESIGN.md "Facts for the diffusers backbones", SPEC.md §1):
+relations the pipelines rely on (docs/training.md §5.5, docs/method.md §1):
 
 * SD3: CLIP-L and CLIP-G penultimate hidden states are concatenated (16 + 32 = 48) and zero-padded to the
   T5 width (64 = ``joint_attention_dim``, so the padding is exercised); the pooled embedding is the sum of the

@@ -1,6 +1,6 @@
 """Tokenizers for the tiny test pipelines and reward models, built deterministically and offline.
 
-The ``tokenizers`` library's trainers are not deterministic across processes (DESIGN.md), so the vocabularies
+The ``tokenizers`` library's trainers are not deterministic across processes (training.md §5.5), so the vocabularies
 here are written out by rule: every byte of the byte-level alphabet (alone and word-final), the special
 tokens, and a few merges of common letter pairs so that real BPE merging is exercised.
 """
@@ -72,7 +72,7 @@ def t5_tokenizer(model_max_length: int = 512):
 
 # Qwen (byte-level BPE with ChatML) ------------------------------------------------------------------------------
 QWEN_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "Ġ o", "Ġo f", "i n", "e r", "o n", "a t"]
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 QWEN_THINK = ["<think>", "</think>"]
 
 # Our own ChatML template. Like Qwen3's, ``enable_thinking=False`` appends an empty think block after the
@@ -95,7 +95,7 @@ def qwen_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     special and think tokens (as in Qwen3, after the BPE vocabulary); ids are fixed by construction."""
     tokens = list(byte_alphabet())
     tokens += [m.replace(" ", "") for m in QWEN_MERGES]
-    tokens += QWEN_SPECIAL + QWEN_THINK
+    tokens += QWEN_CONTROL_TOKENS + QWEN_THINK
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}, [tuple(m.split(" ")) for m in QWEN_MERGES]
 
 
@@ -117,6 +117,6 @@ def qwen_tokenizer(model_max_length: int = 32768):
         chat_template=QWEN_CHAT_TEMPLATE,
         model_max_length=model_max_length,
     )
-    tok.add_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=True) for t in QWEN_CONTROL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False) for t in QWEN_THINK])
     return tok

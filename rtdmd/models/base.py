@@ -1,4 +1,4 @@
-"""The one backbone interface every stage and the sampler talk to (DESIGN.md "Layout").
+"""The one backbone interface every stage and the sampler talk to (README.md's layout).
 
 A backbone turns prompts into conditioning (``encode``), predicts the flow-matching velocity
 ``v = ε - x0`` at noise level σ (``velocity``), and turns latents into the space rewards read

@@ -1,4 +1,4 @@
-"""Real backbones through diffusers: SD3 / SD3.5 and FLUX.2-klein (SPEC §1, §8, §10; issue 9).
+"""Real backbones through diffusers: SD3 / SD3.5 and FLUX.2-klein (docs/method.md §1, §8, §10).
 
 A :class:`DiffusionCore` loads a local diffusers pipeline folder with the stock ``from_pretrained`` (nothing is
 downloaded: ``local_files_only``) and owns what every trainer model shares: the text encoders (frozen), the VAE
@@ -8,7 +8,7 @@ so one base serves all of them. FLUX.2's generator starts from klein (``model.ge
 teacher and fake score use the base model, as the reference: that is a second transformer.
 
 Conditioning, timesteps and decoding are the stock pipelines' (their own encode helpers are called), with the
-reference's deviations: T5 ``max_length`` 128 for SD3 (SPEC §13.13); FLUX.2's timestep quantised through the
+reference's deviations: T5 ``max_length`` 128 for SD3 (docs/method.md §13.13); FLUX.2's timestep quantised through the
 model dtype (``bf16(1000σ)/1000``, §13.5); decoded images ``clamp(img/2 + 0.5, 0, 1)`` in float.
 """
 
@@ -30,7 +30,7 @@ from .lora import SD3_TARGETS, LoraView, SharedTransformer, flux2_targets
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-#: the reference's text lengths (SPEC §1, §13.13): T5 128 for SD3 (the stock pipeline's 256 is not used), Qwen 512
+#: the reference's text lengths (method.md §1, §13.13): T5 128 for SD3 (the stock pipeline's 256 is not used), Qwen 512
 DEFAULT_TEXT_LENGTH = {"sd3": 128, "flux2": 512}
 FLUX2_TEXT_LAYERS = (9, 18, 27)
 
@@ -91,7 +91,7 @@ class DiffusionCore:
 
     def decode(self, latents: torch.Tensor, *, chunk: int = 0, checkpoint: bool = False) -> torch.Tensor:
         """Images ``clamp(vae(x)/2 + 0.5, 0, 1)`` in float32, ``[B, 3, H, W]``; differentiable in ``latents``
-        (reward back-propagation, SPEC §7). ``chunk`` decodes that many at a time (0: all); ``checkpoint``
+        (reward back-propagation, docs/method.md §7). ``chunk`` decodes that many at a time (0: all); ``checkpoint``
         recomputes the decoder chunk by chunk in backward (``rk.checkpointed_decode``; ours — the reference keeps
         the decoder's activations)."""
         if latents.shape[0] == 0:
@@ -115,7 +115,7 @@ class DiffusionCore:
 
 class SD3Core(DiffusionCore):
     """SD3 / SD3.5: ``SD3Transformer2DModel``; CLIP-L + CLIP-G + T5 (``max_length`` 128); latents
-    ``[16, H/8, W/8]``; VAE input ``x / scaling + shift``; static shift (SPEC §1)."""
+    ``[16, H/8, W/8]``; VAE input ``x / scaling + shift``; static shift (docs/method.md §1)."""
 
     kind = "sd3"
 
@@ -151,7 +151,7 @@ class Flux2Core(DiffusionCore):
     """FLUX.2-klein: ``Flux2Transformer2DModel``; Qwen3 hidden states of layers (9, 18, 27) over 512 tokens;
     latents ``[4·C_vae, H/16, W/16]`` (2×2 patchified, batch-norm normalised), packed to tokens for the
     transformer; timestep ``bf16(1000σ)/1000``; the dynamic (empirical-mu) shift with ``seq = H·W`` of the
-    patchified latent (SPEC §1). The generator's transformer is klein's (``model.generator_path``)."""
+    patchified latent (docs/method.md §1). The generator's transformer is klein's (``model.generator_path``)."""
 
     kind = "flux2"
 
@@ -180,7 +180,7 @@ class Flux2Core(DiffusionCore):
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h * w).transpose(1, 2)  # the pipeline's packing: (h, w) row-major
         img_ids = self.pipe._prepare_latent_ids(x).to(x.device)
-        t = (sigma.float() * 1000).to(transformer.dtype) / 1000  # the pipeline's bf16 quantisation (SPEC §13.5)
+        t = (sigma.float() * 1000).to(transformer.dtype) / 1000  # the pipeline's bf16 quantisation (method.md §13.5)
         out = transformer(hidden_states=tokens.to(transformer.dtype), timestep=t, guidance=None,
                           encoder_hidden_states=cond["prompt_embeds"], txt_ids=cond["text_ids"], img_ids=img_ids,
                           return_dict=False)[0]
@@ -306,7 +306,7 @@ def _rank_alpha(model_cfg) -> tuple[int, float]:
 
 
 def stage1_models(core: DiffusionCore, cfg) -> tuple[DiffusionBackbone, DiffusionBackbone, DiffusionBackbone]:
-    """``(generator, fake score, teacher)`` of stage 1 (SPEC §12.1): fresh LoRAs (peft's gaussian init) on the
+    """``(generator, fake score, teacher)`` of stage 1 (docs/method.md §12.1): fresh LoRAs (peft's gaussian init) on the
     base — the generator's on klein for FLUX.2 — and the teacher as the base with every adapter off."""
     rank, alpha = _rank_alpha(cfg.model)
     core.generator_base.add(S1_GENERATOR, rank, alpha, trainable=True)
@@ -329,7 +329,7 @@ def _frozen_adapter(shared: SharedTransformer, name: str, rank: int, alpha: floa
 
 def stage2_models(core: DiffusionCore, cfg, stage1_modules: dict) -> tuple[DiffusionBackbone, DiffusionBackbone,
                                                                              DiffusionBackbone]:
-    """``(generator, fake score, teacher)`` of stage 2 (SPEC §8): stage 1's EMA generator LoRA and its fake-score
+    """``(generator, fake score, teacher)`` of stage 2 (method.md §8): stage 1's EMA generator LoRA and its fake-score
     LoRA, frozen and *unmerged* (the reference merges them into the bf16 base: equal up to that rounding, and the
     base stays shared), each with a fresh trainable adapter on top, initialised by ``stage2.lora_init``."""
     rank, alpha = _rank_alpha(cfg.model)

@@ -1,4 +1,4 @@
-"""LoRA adapters on one shared frozen transformer (SPEC §8, §9, §12; issue 9).
+"""LoRA adapters on one shared frozen transformer (docs/method.md §8, §9, §12).
 
 The reference keeps three copies of the base (generator, fake score, teacher) plus a full-model EMA. Here one
 frozen diffusers transformer carries named peft adapters and each trainer model is a *view* that activates
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-#: The reference's LoRA targets (SPEC §12.1): attention q/k/v/out and the context projections. Suffix match,
+#: The reference's LoRA targets (docs/method.md §12.1): attention q/k/v/out and the context projections. Suffix match,
 #: so SD3.5's second attention (``attn2``) is covered too.
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -63,7 +63,7 @@ class SharedTransformer:
     def add(self, name: str, rank: int, alpha: float, *, trainable: bool, init: str = "peft") -> None:
         """Add adapter ``name`` (rank ``rank``, scale ``alpha / rank``). ``init="peft"``: peft's gaussian init
         (A ~ N(0, 1/r), B = 0), the reference's stage-1 LoRA; ``"reference"``: A ~ N(0, 1), B = 0, the
-        reference's re-init after merging (SPEC §13.3)."""
+        reference's re-init after merging (docs/method.md §13.3)."""
         from peft import LoraConfig
 
         if name in self.ranks:

@@ -1,4 +1,4 @@
-"""Toy-world backbones (TOY.md): the exact teacher and the tiny SD3 network, plus the cached base pretraining.
+"""Toy-world backbones (docs/toy.md): the exact teacher and the tiny SD3 network, plus the cached base pretraining.
 
 - :class:`ExactTeacher` returns the closed-form mixture velocity (CFG is the caller's, against the
   unconditional mixture of ``encode([""])``), so distillation targets are exact.
@@ -180,7 +180,7 @@ def pretrain_base(world: ToyWorld, cfg, *, device: torch.device | str = "cpu",
 
 
 def build_world(cfg) -> ToyWorld:
-    """The toy world of the config's ``toy`` section (TOY.md's pinned construction)."""
+    """The toy world of the config's ``toy`` section (docs/toy.md's pinned construction)."""
     t = cfg.toy
     return ToyWorld.build(num_prompts=t.num_prompts, num_components=t.num_components, latent_shape=t.latent_shape,
                           seed=t.data_seed, min_weight=t.min_weight, std_range=t.std_range)

@@ -1,11 +1,11 @@
-"""The analytic toy world of TOY.md: one isotropic Gaussian mixture per prompt, known in closed form.
+"""The analytic toy world of docs/toy.md: one isotropic Gaussian mixture per prompt, known in closed form.
 
 Everything here is exact: the teacher's velocity at any noise level (with CFG against the
 unconditional mixture), exact samples of the teacher and of its reward-tilted family
 ``p_β(x) ∝ p(x)·exp(β⟨a_p, x⟩)``, and the tilted mixture weights. The trainer and the evaluation
 use it as the ground truth a distilled generator is measured against.
 
-Conventions: ``x_σ = (1-σ)·x0 + σ·ε`` (SPEC §1), velocity ``v = ε - x0``. Latents are image-shaped
+Conventions: ``x_σ = (1-σ)·x0 + σ·ε`` (docs/method.md §1), velocity ``v = ε - x0``. Latents are image-shaped
 ``[B, C, H, W]``; internally samples are flattened to ``[B, D]``.
 """
 
@@ -22,7 +22,7 @@ UNCONDITIONAL = -1  # prompt index of the empty prompt "" (the CFG unconditional
 
 
 def prompt_text(index: int) -> str:
-    """The toy prompts are ``"toy prompt 0"`` ... (TOY.md)."""
+    """The toy prompts are ``"toy prompt 0"`` ... (docs/toy.md)."""
     return f"toy prompt {index}"
 
 
@@ -49,7 +49,7 @@ class ToyWorld:
         min_weight: float = 0.15,
         std_range: tuple[float, float] | list[float] = (0.3, 0.6),
     ) -> ToyWorld:
-        """TOY.md's pinned construction from one seed: Dirichlet(2) weights (redrawn until none is below
+        """docs/toy.md's pinned construction from one seed: Dirichlet(2) weights (redrawn until none is below
         ``min_weight``), smooth random means of norm √D/2, stds uniform in ``std_range``, and a random
         unit reward direction per prompt orthogonal to all of that prompt's means."""
         c, h, w = (int(s) for s in latent_shape)
@@ -109,7 +109,7 @@ class ToyWorld:
     # ------------------------------------------------------------------ the exact teacher
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, prompt_idx: torch.Tensor,
                  guidance: float = 1.0) -> torch.Tensor:
-        """Exact flow-matching velocity ``E[ε - x0 | x_σ = x]`` of prompt ``prompt_idx[b]`` (TOY.md), with CFG
+        """Exact flow-matching velocity ``E[ε - x0 | x_σ = x]`` of prompt ``prompt_idx[b]`` (docs/toy.md), with CFG
         ``v_u + guidance·(v_c - v_u)`` against the unconditional mixture when ``guidance != 1``.
         Computed in float64 with log-sum-exp (exact at every σ in [0, 1]); returned in ``x.dtype``."""
         shape, dtype = x.shape, x.dtype

@@ -1,7 +1,7 @@
-"""The one reward interface (DESIGN.md "Layout") and weighted mixtures of rewards.
+"""The one reward interface (README.md's layout) and weighted mixtures of rewards.
 
 A reward scores decoded samples against their prompts: ``score(samples, prompts) -> [N]`` float32.
-``differentiable`` says whether the score may be back-propagated (reward back-propagation, SPEC §7);
+``differentiable`` says whether the score may be back-propagated (reward back-propagation, docs/method.md §7);
 non-differentiable rewards (binary checks, detectors, VLM judges) only enter the group advantages.
 """
 
@@ -36,7 +36,7 @@ class Reward:
 
     def advantage_score(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """The score that enters the group advantages, without gradient. Image rewards override this to
-        score uint8-quantized images with the rollout preprocessing, as the reference does (SPEC §11, §13.15);
+        score uint8-quantized images with the rollout preprocessing, as the reference does (docs/method.md §11, §13.15);
         back-propagation uses :meth:`__call__` on the float images."""
         with torch.no_grad():
             return self(samples.detach(), prompts)
@@ -50,7 +50,7 @@ class WeightedReward:
 
 
 class RewardMixture:
-    """Named rewards with weights (SPEC §5.3 ``weight_advantages``; §7 training-reward BP)."""
+    """Named rewards with weights (docs/method.md §5.3 ``weight_advantages``; §7 training-reward BP)."""
 
     def __init__(self, rewards: Mapping[str, WeightedReward]):
         if not rewards:

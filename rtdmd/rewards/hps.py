@@ -1,6 +1,6 @@
 """HPS v2.1 weights: an open_clip CLIP checkpoint (ViT-H-14) converted to a transformers ``CLIPModel``.
 
-The HPS v2.1 scorer (SPEC §7, §11) is open_clip's ViT-H-14 fine-tuned on human preferences; its checkpoint
+The HPS v2.1 scorer (docs/method.md §7, §11) is open_clip's ViT-H-14 fine-tuned on human preferences; its checkpoint
 (``HPS_v2.1_compressed.pt``) is an open_clip state dict. The same network is a transformers ``CLIPModel`` with
 ``hidden_act="gelu"`` (not ``quick_gelu``) and LayerNorm eps 1e-5, so we convert the weights once at load time and
 run the stock transformers model. Every checkpoint key must be consumed by the mapping; anything left over is an

@@ -1,12 +1,12 @@
-"""CLIP-family image rewards (SPEC §7, §11, §13.15): CLIPScore, PickScore, HPS v2.1 and the LAION aesthetic score.
+"""CLIP-family image rewards (method.md §7, §11, §13.15): CLIPScore, PickScore, HPS v2.1 and the LAION aesthetic score.
 
 Samples are float images ``[N, 3, H, W]`` in [0, 1] (the decoded ``clamp(img/2 + 0.5, 0, 1)``). Two paths, as in the
 reference:
 
-* :meth:`~rtdmd.rewards.base.Reward.score` — the float path of reward back-propagation (SPEC §7): tensor
+* :meth:`~rtdmd.rewards.base.Reward.score` — the float path of reward back-propagation (docs/method.md §7): tensor
   preprocessing as the reference's torchvision transforms do it, gradient flowing to the images for the
   differentiable scorers (the models themselves are frozen).
-* :meth:`advantage_score` — the GRPO rollout path (SPEC §11, §13.15): images quantized to uint8 levels first,
+* :meth:`advantage_score` — the GRPO rollout path (docs/method.md §11, §13.15): images quantized to uint8 levels first,
   ``(x*255).round().clamp(0, 255)/255``, then the rollout preprocessing (the HF processor, i.e. PIL bicubic, for
   PickScore and the aesthetic score), no gradient.
 
@@ -35,7 +35,7 @@ __all__ = [
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PICKSCORE_SCALE = 26.0  # PickScore's reward is exp(logit_scale)·cos / 26 (SPEC §7)
+PICKSCORE_SCALE = 26.0  # PickScore's reward is exp(logit_scale)·cos / 26 (docs/method.md §7)
 IMAGE_REWARD_KINDS = ("clipscore", "pickscore", "hpsv2", "aesthetic")
 
 
@@ -133,7 +133,7 @@ def processor_transform(processor: Any) -> tuple[int | tuple[int, int], tuple[in
 
 
 def _pooled(out: Any) -> torch.Tensor:
-    """``get_*_features`` returns a tensor in transformers 4 and an output object in 5 (DESIGN.md)."""
+    """``get_*_features`` returns a tensor in transformers 4 and an output object in 5 (docs/training.md §5.5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
@@ -180,7 +180,7 @@ class ImageReward(Reward):
         return self._score_float(x, list(prompts)).float().to(samples.device)
 
     def advantage_score(self, samples: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """The rollout score: uint8-quantized images with the rollout preprocessing, no gradient (SPEC §11)."""
+        """The rollout score: uint8-quantized images with the rollout preprocessing, no gradient (method.md §11)."""
         self._check(samples, prompts)
         with torch.no_grad():
             q = quantize_uint8(samples.to(self.device))
@@ -256,7 +256,7 @@ class PickScore(_ClipTextImage):
 
     Float (back-propagation) path: torchvision ``Resize`` (bilinear, antialiased) + ``CenterCrop`` + normalize built
     from the processor config. Rollout path: the HF processor (PIL bicubic resize, centre crop) on uint8 images —
-    the two differ on purpose, as in the reference (SPEC §13.15). Differentiable."""
+    the two differ on purpose, as in the reference (docs/method.md §13.15). Differentiable."""
 
     differentiable = True
 

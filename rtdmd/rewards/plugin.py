@@ -4,7 +4,7 @@ The function is called as ``fn(images, prompts)`` with ``images`` float ``[N, 3,
 the list of prompt strings; a prompt read from a ``.jsonl`` file carries its record, which
 ``rtdmd.data.prompt_metadata(prompt)`` returns (GenEval-style metadata). It returns a tensor of ``N`` scores or a
 sequence of ``N`` numbers. Plug-ins are not differentiable unless the spec says so. For the group advantages the
-images are quantized to uint8 levels first, as the reference's rollout does for every reward (SPEC §11).
+images are quantized to uint8 levels first, as the reference's rollout does for every reward (docs/method.md §11).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The toy world's rewards (TOY.md "Rewards and the reward-tilted family")."""
+"""The toy world's rewards (docs/toy.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 1: AC-DMD cold-start distillation (SPEC §4.4).
+"""Stage 1: AC-DMD cold-start distillation (docs/method.md §4.4).
 
 Per step: the fake score is updated on a fresh no-grad generator unroll (random stop index, §2.2);
 every ``fake_update_ratio``-th step the generator is updated on an independent unroll whose last
@@ -73,7 +73,7 @@ class Stage1State(StageState):
 
 
 def init_state(base: Backbone, cfg, build_copy: Callable[[], Backbone]) -> Stage1State:
-    """Generator and fake score both start from the base network (SPEC §12.1), full parameters."""
+    """Generator and fake score both start from the base network (docs/method.md §12.1), full parameters."""
     s1 = cfg.stage1
     generator, fake = build_copy(), build_copy()
     generator.load_state_dict(base.state_dict())
@@ -86,7 +86,7 @@ def init_state(base: Backbone, cfg, build_copy: Callable[[], Backbone]) -> Stage
 
 
 def init_lora_state(core, cfg) -> tuple[Stage1State, Backbone]:
-    """A real backbone's stage 1 (SPEC §12.1): fresh LoRAs for the generator and the fake score on the shared
+    """A real backbone's stage 1 (docs/method.md §12.1): fresh LoRAs for the generator and the fake score on the shared
     frozen base, the EMA as a shadow adapter; returns the state and the teacher (the base, adapters off)."""
     from ..models.diffusion import stage1_models
 

@@ -1,4 +1,4 @@
-"""What both stages share: the AC-DMD sub-interval draws (SPEC §4.1), the fake-score objective (§4.2),
+"""What both stages share: the AC-DMD sub-interval draws (docs/method.md §4.1), the fake-score objective (§4.2),
 the generator's AC-DMD loss (§4.3), model EMA and optimizer steps. Every loss goes through
 ``rtdmd_kernels``; nothing here calls ``.item()``.
 """
@@ -75,7 +75,7 @@ def chain_round(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class SubInterval:
-    """Per-sample draws of one AC-DMD sub-interval (SPEC §4.1-§4.2): renoise timestep ``t_r`` (int),
+    """Per-sample draws of one AC-DMD sub-interval (docs/method.md §4.1-§4.2): renoise timestep ``t_r`` (int),
     ``sigma_t = t_r/1000`` (fp32, what the model sees), the renoise noise ``xi_r``, the shared transition
     noise ``xi_tr`` of the generator loss, and the consistency target ``sigma_p = max(t_r - δ, 0)/1000``
     with its two transition noises."""
@@ -119,7 +119,7 @@ def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], 
 
 def fake_score_objective(fake: Backbone, x_s: torch.Tensor, sigma_s: torch.Tensor, cond: Cond, sub: SubInterval,
                          cfg, *, eta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``L_fake = L_ac + γ·L_cons`` (SPEC §4.2) for generator samples ``x_s`` at level ``sigma_s`` (detached).
+    """``L_fake = L_ac + γ·L_cons`` (docs/method.md §4.2) for generator samples ``x_s`` at level ``sigma_s`` (detached).
 
     ``x_t' = renoise(x_s)`` at ``σ_t``; the fake score regresses the conditional velocity of the ambient
     distribution (``rk.fake_score_loss``, shipped ``move_scale_out`` form with the clamped weight); the
@@ -150,7 +150,7 @@ def fake_score_objective(fake: Backbone, x_s: torch.Tensor, sigma_s: torch.Tenso
 def generator_ac_dmd_loss(x_s: torch.Tensor, sigma_s: torch.Tensor, cond: Cond, uncond: Cond | None,
                           teacher: Backbone, fake: Backbone, sub: SubInterval, *, guidance: float, eta: float
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The generator's AC-DMD loss (SPEC §4.3): renoise ``x_s`` to ``σ_t``, teacher (CFG against ``uncond``
+    """The generator's AC-DMD loss (docs/method.md §4.3): renoise ``x_s`` to ``σ_t``, teacher (CFG against ``uncond``
     when ``guidance != 1``) and fake velocities there, CPS transitions back to ``σ_s`` with one shared noise,
     and ``dmd_loss(x_s, xs_fake, xs_real)`` — fused in ``rk.ac_dmd_loss``. Gradient reaches ``x_s`` only."""
     s_t = chain_round(sub.sigma_t, x_s.dtype)
@@ -182,8 +182,8 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, clip: float) ->
 
 
 class ModelEMA:
-    """Model-level EMA ``θ_ema ← d·θ_ema + (1-d)·θ`` (SPEC §4.4). ``dtype="param"`` keeps the shadow in the
-    parameters' dtype as the reference does (small increments can round away in bf16, SPEC §13.18);
+    """Model-level EMA ``θ_ema ← d·θ_ema + (1-d)·θ`` (docs/method.md §4.4). ``dtype="param"`` keeps the shadow in the
+    parameters' dtype as the reference does (small increments can round away in bf16, docs/method.md §13.18);
     ``"float32"`` keeps a float32 shadow and copies it into the module."""
 
     def __init__(self, model: nn.Module, decay: float, dtype: str = "param"):
@@ -212,7 +212,7 @@ class ModelEMA:
             b_ema.copy_(b)
 
     def step(self, model: nn.Module, global_step: int, interval: int) -> bool:
-        """The stage-2 schedule (SPEC §8): update when ``(global_step + 1) % interval == 0`` with the warm-up
+        """The stage-2 schedule (docs/method.md §8): update when ``(global_step + 1) % interval == 0`` with the warm-up
         decay ``min((1 + s) / (10 + s), decay)``; returns whether it updated."""
         if (global_step + 1) % interval:
             return False

@@ -1,4 +1,4 @@
-"""Stage 2: RTDMD — SubGRPO, reward back-propagation and the AC-DMD aux (SPEC §5-§8).
+"""Stage 2: RTDMD — SubGRPO, reward back-propagation and the AC-DMD aux (docs/method.md §5-§8).
 
 One epoch: pick the PPO steps (SubGRPO, §6); roll out K samples per prompt with fresh noise at the PPO
 steps and prompt-shared noise at the others (§2.3); score the rewards; one fake-score step on all
@@ -8,7 +8,7 @@ per trained step ``j ∈ ppo_steps ∪ {K-1}``: ``rk.ppo_clip_loss`` at the PPO 
 the AC-DMD aux (``rk.ac_dmd_loss``, weight ``aux_weight``) and reward back-propagation
 (``bp_scale · mean relu(margin - R)``) sharing that one forward; one AdamW step per epoch.
 With ``bp_steps = k > 1`` the reward is back-propagated through the last k steps by re-running them from
-the stored latent with the stored noises through ``rk.checkpointed_rollout`` (SPEC §7, our extension).
+the stored latent with the stored noises through ``rk.checkpointed_rollout`` (docs/method.md §7, our extension).
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ STREAM = "stage2"
 
 
 def ppo_step_subset(seed: int, epoch: int, step_range: Sequence[int], num: int) -> list[int]:
-    """SubGRPO's step subset of an epoch (SPEC §6): the reference's Python ``Random`` seeded per epoch, so
+    """SubGRPO's step subset of an epoch (docs/method.md §6): the reference's Python ``Random`` seeded per epoch, so
     every rank draws the same subset without a collective."""
     lo, hi = step_range
     return sorted(random.Random(seed + 100000 * epoch + 104729).sample(range(lo, hi + 1), num))
 
 
 def prompt_shared_noise(prompt: str, step: int, epoch: int, shape: Sequence[int]) -> torch.Tensor:
-    """The reference's prompt-deterministic noise (SPEC §2.3): a CPU generator seeded with
+    """The reference's prompt-deterministic noise (docs/method.md §2.3): a CPU generator seeded with
     ``(sha256(prompt)[:4] big-endian + step·10007 + epoch·100000) mod 2^31``; every member of the
     prompt's group (on any rank) gets the same draw."""
     head = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
@@ -86,7 +86,7 @@ class Stage2State(StageState):
 
 
 def init_state(stage1_ckpt, cfg, build_copy: Callable[[], Backbone]) -> Stage2State:
-    """Generator from stage 1's EMA weights, fake score from stage 1's fake score (SPEC §8; full parameters
+    """Generator from stage 1's EMA weights, fake score from stage 1's fake score (docs/method.md §8; full parameters
     for the toy; real backbones use :func:`init_lora_state`)."""
     c = ck.load_checkpoint(stage1_ckpt)
     generator, fake = build_copy(), build_copy()
@@ -107,7 +107,7 @@ def _state(generator: Backbone, fake: Backbone, cfg) -> Stage2State:
 
 
 def init_lora_state(core, cfg, stage1_modules: dict) -> tuple[Stage2State, Backbone]:
-    """A real backbone's stage 2 (SPEC §8): stage 1's EMA generator and fake-score LoRAs frozen under fresh
+    """A real backbone's stage 2 (docs/method.md §8): stage 1's EMA generator and fake-score LoRAs frozen under fresh
     adapters (:func:`rtdmd.models.diffusion.stage2_models`); returns the state and the teacher."""
     from ..models.diffusion import stage2_models
 
@@ -156,7 +156,7 @@ class Stage2:
 
     # ------------------------------------------------------------------ rollout
     def epoch_prompts(self, epoch: int) -> list[str]:
-        """The K-repeat sampler (SPEC §5.2): every prompt (``prompts_per_epoch = 0``) or a seeded subset, each
+        """The K-repeat sampler (docs/method.md §5.2): every prompt (``prompts_per_epoch = 0``) or a seeded subset, each
         exactly K times, in a seeded global order so that a group spreads over the ranks. The same list on
         every rank (pure function of seed and epoch); sample ``i`` of the epoch is ``list[i]``."""
         m = self.s2.prompts_per_epoch or len(self.all_prompts)
@@ -205,7 +205,7 @@ class Stage2:
 
     # ------------------------------------------------------------------ the three updates
     def fake_update(self, data: EpochData, epoch: int) -> dict[str, torch.Tensor]:
-        """One fake-score step on every rollout sample's final x0 (σ_s = 0), in chunks (SPEC §8, §13.10)."""
+        """One fake-score step on every rollout sample's final x0 (σ_s = 0), in chunks (docs/method.md §8, §13.10)."""
         x_s = data.next_latents[:, -1]
         n = x_s.shape[0]
         sigma_s = torch.zeros(n, device=self.device)
@@ -226,7 +226,7 @@ class Stage2:
         return total
 
     def advantages(self, data: EpochData) -> torch.Tensor:
-        """The reference's weighted multi-reward mode (SPEC §5.3): per reward, prompt mean and global std
+        """The reference's weighted multi-reward mode (docs/method.md §5.3): per reward, prompt mean and global std
         (ddof 0, +1e-4); weighted sum; re-standardised — over the rewards of every rank (gathered), of which
         this rank keeps its block."""
         rewards, group = self.env.all_gather(data.rewards), self.env.all_gather(data.group)
@@ -236,7 +236,7 @@ class Stage2:
         return adv[self.env.rank * n: (self.env.rank + 1) * n]
 
     def select_rows(self, adv: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Zero-advantage filtering (SPEC §5.3): drop rows with advantage exactly 0; if all are dropped keep
+        """Zero-advantage filtering (docs/method.md §5.3): drop rows with advantage exactly 0; if all are dropped keep
         ``num_batches`` random rows; pad with random dropped rows to a multiple of ``num_batches``."""
         nb = self.local_batches
         n = adv.shape[0]
@@ -309,7 +309,7 @@ class Stage2:
                         loss = loss + l_bp
                         add("bp_loss", l_bp, "last")
                 (loss / calls).backward()
-            if s2.ema_per_sub_batch and b < n_sub - 1:  # SPEC §13.2: after every sub-batch, params not yet stepped
+            if s2.ema_per_sub_batch and b < n_sub - 1:  # method.md §13.2: after every sub-batch, params not yet stepped
                 self.s.ema.step(gen, epoch, s2.ema_interval)
         sums["gen_grad_norm"] = optimizer_step(gen, self.s.gen_opt, s2.grad_clip)
         # the reference's last call comes after the optimizer step, with the incremented global step
