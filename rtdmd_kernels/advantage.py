@@ -3,10 +3,12 @@
 What moves (N samples, R reward columns, G groups; fp32 rewards, bf16/fp16 halve the reward bytes):
   sort          torch.sort(group_ids, stable=True) + searchsorted -> perm [N], segment offsets [G+1]
   group stats   one program per group reads its segment of rewards (through perm) twice:
-                count + sum, then the centred sum of squares        -> mean, std [G, R]    ~8*N*R B
-  column std    ("global" only) the same kernel, one program over all rows -> std [R]      ~8*N*R B
+                count + sum, then the centred sum of squares        -> float64 mean, std [G, R]  ~8*N*R B
+  column std    ("global" only) the same kernel, one program over the segment of every id in [0, G)
+                                                                    -> float64 std [R]           ~8*N*R B
   combine       one program per BLOCK rows reads rewards + id, gathers mean/std, writes A   ~(4R+12)*N B
-  restandardize (optional) one program, three fixed-order passes over A                    ~12*N B
+                (restandardize: writes A in float64 and a state byte instead              ~(4R+17)*N B)
+  restandardize (optional) one program, three fixed-order passes over A and the states    ~31*N B
 Why this way: a group's statistics need the whole group before any advantage can be formed, and groups
 are arbitrary (any order, any size), so the samples are grouped by a stable sort of the ids (deterministic)
 and each group is reduced by one program in a fixed order: no atomics, bitwise identical run to run and
@@ -14,6 +16,10 @@ independent of the grid. The variance is two-pass (centred), as numpy's. The rea
 (N = 1152..1536, 4 columns), so launches are kept few and nothing syncs the device when ``num_groups``
 is given. The torch path (CPU, fallback, float64) is a handful of vectorised ops: ``index_add_`` on CPU
 (sequential, deterministic), sorted segments (``segment_reduce``) elsewhere.
+Hostile input (kernels.md §4.1): every path computes in float64 from the loaded rewards to the rounding of
+A, so squares of rewards up to float32's largest value neither overflow nor underflow, at no extra pass;
+a reward counts only when finite and its row's id is in [0, G) (ids outside sort before off[0] or after
+off[G], so the statistics never see them); such a row's A is NaN.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ _SCALE_CODE = {"group": 0, "global": 1, "none": 2}
 
 COMBINE_BLOCK = 256  # rows per program of the combine kernel
 REDUCE_BLOCK = 1024  # rows per iteration of the single-program reductions
-MAX_TILE = 4096  # rows x columns held by one program at a time
+MAX_TILE = 2048  # rows x columns held by one program at a time (float64 accumulators)
 
 if triton_available():
     import triton
@@ -41,19 +47,18 @@ if triton_available():
 
     @triton.jit
     def _load_rows(r_ptr, rows, rmask, cols, cmask, stride_n, stride_r):
-        # A [BLOCK, RB] tile of rewards in fp32 and its validity (in range and not NaN).
+        # A [BLOCK, RB] tile of rewards in float64 and its validity (in range and finite: NaN and ±inf are out).
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(r_ptr + rows[:, None] * stride_n + cols[None, :] * stride_r, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        return x, mask & (x == x)
+        x = x.to(tl.float64)
+        return x, mask & (tl.abs(x) < float("inf"))
 
     @triton.jit
-    def _segment_rows(r_ptr, perm_ptr, i, end, cols, cmask, stride_n, stride_r, GATHER: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        # Rows i .. i+BLOCK of a segment ending at ``end`` (through perm when GATHER): the tile, validity.
+    def _segment_rows(r_ptr, perm_ptr, i, end, cols, cmask, stride_n, stride_r, BLOCK: tl.constexpr):
+        # Rows perm[i .. i+BLOCK] of a segment of the sorted order ending at ``end``: the tile, validity.
         idx = i + tl.arange(0, BLOCK).to(tl.int64)
         m = idx < end
-        rows = tl.load(perm_ptr + idx, mask=m, other=0) if GATHER else idx
+        rows = tl.load(perm_ptr + idx, mask=m, other=0)
         return _load_rows(r_ptr, rows, m, cols, cmask, stride_n, stride_r)
 
     @triton.jit
@@ -63,140 +68,148 @@ if triton_available():
 
     @triton.jit
     def _segment_stats_kernel(
-        r_ptr, perm_ptr, off_ptr, mean_ptr, std_ptr, N, stride_n, stride_r, R, ddof,
-        GATHER: tl.constexpr, WITH_STD: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr,
+        r_ptr, perm_ptr, off_ptr, mean_ptr, std_ptr, G, stride_n, stride_r, R, ddof,
+        GLOBAL: tl.constexpr, WITH_STD: tl.constexpr, BLOCK: tl.constexpr, RB: tl.constexpr,
     ):
-        # Mean and std of every column over one segment of rows, two passes in a fixed order.
-        # GATHER: one program per group g, its segment [off[g], off[g+1]) of the sorted order (rows
-        # through perm). Else ("global"): one program over all N rows in order.
-        # Pass 1: count and sum of the valid rewards -> mean. Pass 2: centred sum of squares -> std.
+        # Mean and std (float64) of every column over one segment of the sorted order (rows through perm),
+        # two passes in a fixed order. Per group: program g takes [off[g], off[g+1]). GLOBAL: one program
+        # takes [off[0], off[G]), every row whose id is in [0, G) (ids < 0 sort before, ids >= G after).
+        # Pass 1: count and sum of the finite rewards -> mean. Pass 2: centred sum of squares -> std.
+        # float64: squares of float32 values up to 3.4e38 and their sums neither overflow nor underflow.
         g = tl.program_id(0)
-        if GATHER:
+        if GLOBAL:
+            start = tl.load(off_ptr)
+            end = tl.load(off_ptr + G)
+        else:
             start = tl.load(off_ptr + g)
             end = tl.load(off_ptr + g + 1)
-        else:
-            start = N * 0
-            end = N
         cols = tl.arange(0, RB)
         cmask = cols < R
-        acc_s = tl.zeros([BLOCK, RB], dtype=tl.float32)
-        acc_c = tl.zeros([BLOCK, RB], dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK, RB], dtype=tl.float64)
+        acc_c = tl.zeros([BLOCK, RB], dtype=tl.int32)
         for i in range(start, end, BLOCK):
-            x, v = _segment_rows(r_ptr, perm_ptr, i, end, cols, cmask, stride_n, stride_r, GATHER, BLOCK)
+            x, v = _segment_rows(r_ptr, perm_ptr, i, end, cols, cmask, stride_n, stride_r, BLOCK)
             acc_s += tl.where(v, x, 0.0)
-            acc_c += v.to(tl.float32)
-        cnt = tl.sum(acc_c, axis=0)
+            acc_c += v.to(tl.int32)
+        cnt = tl.sum(acc_c, axis=0).to(tl.float64)
         mean = tl.sum(acc_s, axis=0) / tl.maximum(cnt, 1.0)
         out = g.to(tl.int64) * R + cols
         tl.store(mean_ptr + out, mean, mask=cmask)
         if WITH_STD:
-            acc_q = tl.zeros([BLOCK, RB], dtype=tl.float32)
+            acc_q = tl.zeros([BLOCK, RB], dtype=tl.float64)
             for i in range(start, end, BLOCK):
-                x, v = _segment_rows(r_ptr, perm_ptr, i, end, cols, cmask, stride_n, stride_r, GATHER, BLOCK)
+                x, v = _segment_rows(r_ptr, perm_ptr, i, end, cols, cmask, stride_n, stride_r, BLOCK)
                 d = tl.where(v, x - mean[None, :], 0.0)
                 acc_q += d * d
             tl.store(std_ptr + out, _std(tl.sum(acc_q, axis=0), cnt, ddof), mask=cmask)
 
     @triton.jit
     def _combine_kernel(
-        r_ptr, ids_ptr, mean_ptr, std_ptr, w_ptr, out_ptr, valid_ptr,
+        r_ptr, ids_ptr, mean_ptr, std_ptr, w_ptr, out_ptr, a_ptr, state_ptr,
         N, G, stride_n, stride_r, stride_id, R, eps, clip,
-        SCALE: tl.constexpr, HAS_W: tl.constexpr, CLIP: tl.constexpr, STORE_VALID: tl.constexpr,
+        SCALE: tl.constexpr, HAS_W: tl.constexpr, CLIP: tl.constexpr, RESTD: tl.constexpr,
         BLOCK: tl.constexpr, RB: tl.constexpr,
     ):
-        # A[i] = sum_j w_j * (r[i, j] - mean[g, j]) / (std + eps), 0 for NaN rewards; clip; and, for
-        # restandardize, whether row i has a valid reward. Ids outside [0, G) read nothing and give NaN.
+        # A[i] = sum_j w_j * (r[i, j] - mean[g, j]) / (std + eps) in float64, 0 for non-finite rewards; then
+        # clip and store float32, NaN for a row whose id is outside [0, G). RESTD: store A in float64 and the
+        # row's state for the restandardize kernel instead (1 counted, 0 no finite reward, 2 id out of range).
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         rmask = rows < N
         cols = tl.arange(0, RB)
         cmask = cols < R
         g = tl.load(ids_ptr + rows * stride_id, mask=rmask, other=0).to(tl.int64)
-        x, v = _load_rows(r_ptr, rows, rmask, cols, cmask, stride_n, stride_r)
-        gmask = (rmask & (g >= 0) & (g < G))[:, None] & cmask[None, :]
-        stat = g[:, None] * R + cols[None, :]
-        d = x - tl.load(mean_ptr + stat, mask=gmask, other=float("nan"))
+        gok = (g >= 0) & (g < G)
+        x, v = _load_rows(r_ptr, rows, rmask & gok, cols, cmask, stride_n, stride_r)
+        stat = tl.where(gok, g, 0)[:, None] * R + cols[None, :]
+        d = x - tl.load(mean_ptr + stat, mask=v, other=0.0)
         if SCALE == 0:
-            d = d / (tl.load(std_ptr + stat, mask=gmask, other=0.0) + eps)
+            d = d / tl.where(v, tl.load(std_ptr + stat, mask=v, other=0.0) + eps, 1.0)
         elif SCALE == 1:
-            d = d / (tl.load(std_ptr + cols, mask=cmask, other=0.0)[None, :] + eps)
-        a = tl.where(v, d, 0.0)
+            d = d / tl.where(v, tl.load(std_ptr + cols, mask=cmask, other=0.0)[None, :] + eps, 1.0)
+        a = tl.where(v, d, 0.0)  # left-out rewards: A_j = 0
         if HAS_W:
             a = a * tl.load(w_ptr + cols, mask=cmask, other=0.0)[None, :]
         adv = tl.sum(a, axis=1)
-        if CLIP:
-            adv = tl.minimum(tl.maximum(adv, -clip), clip)
-        tl.store(out_ptr + rows, adv, mask=rmask)
-        if STORE_VALID:
-            tl.store(valid_ptr + rows, (tl.sum(v.to(tl.int32), axis=1) > 0).to(tl.int8), mask=rmask)
+        if RESTD:
+            state = tl.where(gok, (tl.sum(v.to(tl.int32), axis=1) > 0).to(tl.int32), 2)
+            tl.store(a_ptr + rows, adv, mask=rmask)
+            tl.store(state_ptr + rows, state.to(tl.int8), mask=rmask)
+        else:
+            if CLIP:
+                adv = tl.minimum(tl.maximum(adv, -clip), clip)
+            tl.store(out_ptr + rows, tl.where(gok, adv, float("nan")).to(tl.float32), mask=rmask)
 
     @triton.jit
-    def _restandardize_kernel(a_ptr, valid_ptr, N, ddof, eps, clip, CLIP: tl.constexpr, BLOCK: tl.constexpr):
-        # A <- (A - mean A) / (std A + eps) over rows with a valid reward (others 0); three fixed-order passes.
-        acc_s = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_c = tl.zeros([BLOCK], dtype=tl.float32)
+    def _restandardize_kernel(a_ptr, state_ptr, out_ptr, N, ddof, eps, clip, CLIP: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # out <- (A - mean A) / (std A + eps) over the rows in state 1 (float64, three fixed-order passes);
+        # rows in state 0 (no finite reward) get 0, rows in state 2 (id out of range) NaN.
+        acc_s = tl.zeros([BLOCK], dtype=tl.float64)
+        acc_c = tl.zeros([BLOCK], dtype=tl.int32)
         for i in range(0, N, BLOCK):
             rows = i + tl.arange(0, BLOCK).to(tl.int64)
             m = rows < N
-            ok = tl.load(valid_ptr + rows, mask=m, other=0) != 0
+            ok = tl.load(state_ptr + rows, mask=m, other=0) == 1
             acc_s += tl.where(ok, tl.load(a_ptr + rows, mask=m, other=0.0), 0.0)
-            acc_c += ok.to(tl.float32)
-        cnt = tl.sum(acc_c, axis=0)
+            acc_c += ok.to(tl.int32)
+        cnt = tl.sum(acc_c, axis=0).to(tl.float64)
         mean = tl.sum(acc_s, axis=0) / tl.maximum(cnt, 1.0)
-        acc_q = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_q = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, N, BLOCK):
             rows = i + tl.arange(0, BLOCK).to(tl.int64)
             m = rows < N
-            ok = tl.load(valid_ptr + rows, mask=m, other=0) != 0
+            ok = tl.load(state_ptr + rows, mask=m, other=0) == 1
             d = tl.where(ok, tl.load(a_ptr + rows, mask=m, other=0.0) - mean, 0.0)
             acc_q += d * d
         den = _std(tl.sum(acc_q, axis=0), cnt, ddof) + eps
         for i in range(0, N, BLOCK):
             rows = i + tl.arange(0, BLOCK).to(tl.int64)
             m = rows < N
-            ok = tl.load(valid_ptr + rows, mask=m, other=0) != 0
-            adv = tl.where(ok, (tl.load(a_ptr + rows, mask=m, other=0.0) - mean) / den, 0.0)
+            s = tl.load(state_ptr + rows, mask=m, other=0)
+            adv = tl.where(s == 1, (tl.load(a_ptr + rows, mask=m, other=0.0) - mean) / den, 0.0)
             if CLIP:
                 adv = tl.minimum(tl.maximum(adv, -clip), clip)
-            tl.store(a_ptr + rows, adv, mask=m)
+            tl.store(out_ptr + rows, tl.where(s == 2, float("nan"), adv).to(tl.float32), mask=m)
 
 
 def _triton_impl(x, ids, weights, G, scale, ddof, eps, restandardize, clip):
-    """x: [N, R] rewards (any strides, fp32/bf16/fp16); ids: [N] integers. Returns float32 [N]."""
+    """x: [N, R] rewards (any strides, fp32/bf16/fp16); ids: [N] integers; weights: float64 [R] or None.
+    Returns float32 [N]."""
     N, R = x.shape
     dev = x.device
     RB = triton.next_power_of_2(R)
-    weights = weights.to(torch.float32) if weights is not None else None
     sorted_ids, perm = torch.sort(ids, stable=True)
     offsets = torch.searchsorted(sorted_ids, torch.arange(G + 1, device=dev, dtype=sorted_ids.dtype))
-    mean = torch.empty((G, R), device=dev, dtype=torch.float32)
-    std = torch.empty((G, R) if scale == "group" else (R,), device=dev, dtype=torch.float32)
+    mean = torch.empty((G, R), device=dev, dtype=torch.float64)
+    std = torch.empty((G, R) if scale == "group" else (R,), device=dev, dtype=torch.float64)
     seg_block = max(16, min(triton.next_power_of_2(triton.cdiv(N, max(G, 1))), MAX_TILE // RB))
     sn, sr = x.stride()
     if G > 0:
         _segment_stats_kernel[(G,)](
-            x, perm, offsets, mean, std, N, sn, sr, R, float(ddof),
-            GATHER=True, WITH_STD=scale == "group", BLOCK=seg_block, RB=RB,
+            x, perm, offsets, mean, std, G, sn, sr, R, float(ddof),
+            GLOBAL=False, WITH_STD=scale == "group", BLOCK=seg_block, RB=RB,
             num_warps=1 if seg_block * RB <= 256 else 4,
         )
     if scale == "global":
-        col_mean = torch.empty(R, device=dev, dtype=torch.float32)  # not needed: the means are per group
+        col_mean = torch.empty(R, device=dev, dtype=torch.float64)  # not needed: the means are per group
         _segment_stats_kernel[(1,)](
-            x, perm, offsets, col_mean, std, N, sn, sr, R, float(ddof),
-            GATHER=False, WITH_STD=True, BLOCK=max(16, MAX_TILE // RB), RB=RB, num_warps=8,
+            x, perm, offsets, col_mean, std, G, sn, sr, R, float(ddof),
+            GLOBAL=True, WITH_STD=True, BLOCK=max(16, MAX_TILE // RB), RB=RB, num_warps=8,
         )
     out = torch.empty(N, device=dev, dtype=torch.float32)
-    valid = torch.empty(N if restandardize else 0, device=dev, dtype=torch.int8)
+    a64 = torch.empty(N, device=dev, dtype=torch.float64) if restandardize else mean
+    state = torch.empty(N, device=dev, dtype=torch.int8) if restandardize else out
     clip_v = float(clip) if clip is not None else 0.0
     block = max(16, min(COMBINE_BLOCK, MAX_TILE // RB))
     _combine_kernel[(triton.cdiv(N, block),)](
-        x, ids, mean, std, weights if weights is not None else mean, out, valid if restandardize else out,
+        x, ids, mean, std, weights if weights is not None else mean, out, a64, state,
         N, G, sn, sr, ids.stride(0), R, eps, clip_v,
         SCALE=_SCALE_CODE[scale], HAS_W=weights is not None, CLIP=clip is not None and not restandardize,
-        STORE_VALID=restandardize, BLOCK=block, RB=RB, num_warps=4,
+        RESTD=restandardize, BLOCK=block, RB=RB, num_warps=4,
     )
     if restandardize:
         _restandardize_kernel[(1,)](
-            out, valid, N, float(ddof), eps, clip_v, CLIP=clip is not None, BLOCK=REDUCE_BLOCK, num_warps=8,
+            a64, state, out, N, float(ddof), eps, clip_v, CLIP=clip is not None, BLOCK=REDUCE_BLOCK, num_warps=8,
         )
     return out
 
@@ -234,21 +247,23 @@ class _Segments:
 
 
 def _torch_impl(x, ids, weights, G, scale, ddof, eps, restandardize, clip, use_index_add=None):
-    """x: [N, R] rewards; ids: [N] int64. Returns [N] in float32 (float64 for float64 rewards)."""
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(cd)
+    """x: [N, R] rewards; ids: [N] int64; weights: float64 [R] or None. Computes in float64, as the
+    kernels do; returns [N] in float32 (float64 for float64 rewards)."""
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(torch.float64)
     if use_index_add is None:
         use_index_add = x.device.type == "cpu"
-    seg = _Segments(ids, G, use_index_add)
-    # On CPU, reading back whether a NaN is present costs nothing (no device to wait for); without
-    # NaNs every mask is all-true and the unmasked ops give the same numbers, with fewer ops.
-    if not use_index_add or math.isnan(float(x.sum())):
-        return _torch_masked(x, ids, seg, weights, scale, ddof, eps, restandardize, clip)
+    # On CPU, reading back whether every id is in range and every reward finite costs nothing (no device
+    # to wait for); then every mask is all-true and the unmasked ops give the same numbers, with fewer ops.
+    plain = False
+    if use_index_add and x.device.type == "cpu":
+        lo, hi = torch.aminmax(ids)
+        plain = 0 <= int(lo) and int(hi) < G and math.isfinite(float(x.sum()))  # float64: the sum cannot overflow
+    if not plain:
+        return _torch_masked(x, ids, G, use_index_add, weights, scale, ddof, eps, restandardize, clip).to(out_dtype)
     N, R = x.shape
-    cnt = torch.bincount(ids, minlength=G)
-    if cnt.shape[0] != G:
-        raise IndexError(f"group_ids must lie in [0, num_groups={G})")
-    cnt = cnt.to(cd).unsqueeze(1)
+    seg = _Segments(ids, G, use_index_add)
+    cnt = torch.bincount(ids, minlength=G).to(x.dtype).unsqueeze(1)
     d = x - (seg.sum(x) / cnt.clamp_min(1)).index_select(0, ids)
     if scale == "group":
         d = d / _std_from(seg.sum(d * d), cnt, ddof).add_(eps).index_select(0, ids)
@@ -258,7 +273,9 @@ def _torch_impl(x, ids, weights, G, scale, ddof, eps, restandardize, clip, use_i
     if restandardize:
         adv = adv - adv.mean()
         adv = adv / _norm_std(adv, N, ddof, dim=0).add_(eps)
-    return adv.clamp_(-clip, clip) if clip is not None else adv
+    if clip is not None:
+        adv = adv.clamp_(-clip, clip)
+    return adv.to(out_dtype)
 
 
 def _norm_std(d: torch.Tensor, n: int, ddof: int, dim: int) -> torch.Tensor:
@@ -273,30 +290,36 @@ def _combine(d: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return d.sum(1) if weights is None else d @ weights.to(d.dtype)
 
 
-def _torch_masked(x, ids, seg, weights, scale, ddof, eps, restandardize, clip):
-    """The torch path with NaN rewards: every statistic over the valid entries only."""
+def _torch_masked(x, ids, G, use_index_add, weights, scale, ddof, eps, restandardize, clip):
+    """The torch path with non-finite rewards or ids outside [0, G): every statistic over the finite
+    rewards of rows with an id in range only; those rows' advantage NaN."""
     N, R = x.shape
     cd = x.dtype
-    valid = x == x
+    id_ok = (ids >= 0) & (ids < G)
+    ids = torch.where(id_ok, ids, 0)  # in range for index_add_ / index_select; the row is masked out anyway
+    seg = _Segments(ids, G, use_index_add)
+    valid = torch.isfinite(x) & id_ok.unsqueeze(1)
     vf = valid.to(cd)
     xz = torch.where(valid, x, 0.0)
     sums = seg.sum(torch.cat([xz, vf], dim=1))  # [G, 2R]: sums, counts
     cnt = sums[:, R:]
     mean = sums[:, :R] / cnt.clamp_min(1)
-    d = torch.where(valid, x - mean.index_select(0, ids), 0.0)  # centred; NaN rewards -> 0
+    d = torch.where(valid, x - mean.index_select(0, ids), 0.0)  # centred; left-out rewards -> 0
     if scale == "group":
-        d = d / _std_from(seg.sum(d * d), cnt, ddof).add_(eps).index_select(0, ids)
+        d = torch.where(valid, d / _std_from(seg.sum(d * d), cnt, ddof).add_(eps).index_select(0, ids), 0.0)
     elif scale == "global":
         ccnt = vf.sum(0)
         dc = torch.where(valid, x - xz.sum(0) / ccnt.clamp_min(1), 0.0)
-        d = d / _std_from((dc * dc).sum(0), ccnt, ddof).add_(eps)
+        d = torch.where(valid, d / _std_from((dc * dc).sum(0), ccnt, ddof).add_(eps), 0.0)
     adv = _combine(d, weights)
     if restandardize:
         rv = valid.any(1) if R > 1 else valid.reshape(N)
         n = rv.sum().to(cd)
         da = torch.where(rv, adv - torch.where(rv, adv, 0.0).sum() / n.clamp_min(1), 0.0)
-        adv = da / (_std_from((da * da).sum(), n, ddof) + eps)
-    return adv.clamp_(-clip, clip) if clip is not None else adv
+        adv = torch.where(rv, da / (_std_from((da * da).sum(), n, ddof) + eps), 0.0)
+    if clip is not None:
+        adv = adv.clamp_(-clip, clip)
+    return torch.where(id_ok, adv, float("nan"))
 
 
 def _impl(rewards, group_ids, weights, num_groups, scale, ddof, eps, restandardize, clip):
@@ -327,10 +350,11 @@ def _(rewards, group_ids, weights, num_groups, scale, ddof, eps, restandardize, 
 # public API
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-_WEIGHTS_CACHE: dict[tuple, torch.Tensor] = {}  # (weights tuple, device) -> float32 tensor on the device
+_WEIGHTS_CACHE: dict[tuple, torch.Tensor] = {}  # (weights tuple, device) -> float64 tensor on the device
 
 
 def _check_weights(weights, R: int, device: torch.device) -> torch.Tensor | None:
+    """The weights as a float64 ``[R]`` tensor on ``device`` (both paths weight in float64), or None."""
     if weights is None:
         return None
     if isinstance(weights, torch.Tensor):
@@ -338,26 +362,27 @@ def _check_weights(weights, R: int, device: torch.device) -> torch.Tensor | None
             raise ValueError(f"weights must have length R={R} (one per reward column), got {tuple(weights.shape)}")
         if not (weights.is_floating_point() or weights.dtype in _INT_DTYPES):
             raise TypeError(f"weights must be a real tensor, got dtype {weights.dtype}")
-        w = weights.detach()
-    elif isinstance(weights, (list, tuple)):
+        # values are not checked here (a read-back); validate=True checks them
+        return C.to_device(weights.detach().to(torch.float64), device)
+    if isinstance(weights, (list, tuple)):
         if len(weights) != R:
             raise ValueError(f"weights must have length R={R} (one per reward column), got {len(weights)}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in weights):
             raise TypeError(f"weights must be numbers, got {weights!r}")
+        if not all(math.isfinite(v) for v in weights):
+            raise ValueError(f"weights must be finite, got {weights!r}")
         if torch.compiler.is_compiling():
-            return torch.tensor([float(v) for v in weights], dtype=torch.float32, device=device)
+            return torch.tensor([float(v) for v in weights], dtype=torch.float64, device=device)
         key = (tuple(float(v) for v in weights), device)
         cached = _WEIGHTS_CACHE.get(key)
         if cached is not None:
             return cached
-        w = C.to_device(torch.tensor(key[0], dtype=torch.float32), device)
+        w = C.to_device(torch.tensor(key[0], dtype=torch.float64), device)
         if len(_WEIGHTS_CACHE) >= 64:
             _WEIGHTS_CACHE.clear()
         _WEIGHTS_CACHE[key] = w  # the same list every step: no host -> device copy after the first
         return w
-    else:
-        raise TypeError(f"weights must be None, a list/tuple or a 1-D tensor, got {type(weights).__name__}")
-    return C.to_device(w.to(torch.float64 if w.dtype == torch.float64 else torch.float32), device)
+    raise TypeError(f"weights must be None, a list/tuple or a 1-D tensor, got {type(weights).__name__}")
 
 
 def group_advantages(
@@ -380,17 +405,20 @@ def group_advantages(
     prompt ids from :func:`group_ids`), in any order, groups of any size. Per reward column j:
     ``A_j = (r - mean_group(r)) / (std + eps)`` with ``std`` the group's std (``scale="group"``), the
     column's std over all valid rows (``"global"``) or no division at all (``"none"``); ``ddof`` 0
-    (numpy) or 1 (Bessel, torch.std). NaN rewards are left out of every statistic of their column and
-    get ``A_j = 0``; a group (the whole column under ``"global"``) with fewer than ``ddof + 1`` valid
-    rewards has std 0. Then ``A = Σ_j weights[j] * A_j`` (weights default 1), then if ``restandardize``
-    ``A = (A - mean A) / (std A + eps)`` over the rows with at least one valid reward (others 0, same
-    ``ddof``/``eps``; also for R = 1), then ``clip`` clamps to ±clip.
+    (numpy) or 1 (Bessel, torch.std). Non-finite rewards (NaN, ±inf) are left out of every statistic of
+    their column and get ``A_j = 0``; a group (the whole column under ``"global"``) with fewer than
+    ``ddof + 1`` valid rewards has std 0. Then ``A = Σ_j weights[j] * A_j`` (weights default 1), then if
+    ``restandardize`` ``A = (A - mean A) / (std A + eps)`` over the rows with at least one valid reward
+    (others 0, same ``ddof``/``eps``; also for R = 1), then ``clip`` clamps to ±clip. Computed in float64
+    on both paths and rounded once: rewards anywhere in float32's range give the float64 answer.
 
-    ``num_groups=None`` infers ``max(group_ids) + 1``: one device sync. With ``num_groups`` given no
-    call waits for the device. Ids outside ``[0, num_groups)`` are not checked (``validate=True``
-    checks them, and syncs); the Triton path gives NaN for such rows. Deterministic: bitwise identical
-    run to run (no atomics; independent of the launch grid), and invariant to a permutation of the
-    samples up to float32 rounding.
+    ``num_groups=None`` infers ``max(group_ids) + 1`` and checks ``min(group_ids) >= 0`` (``ValueError``):
+    one device sync. With ``num_groups`` given no call waits for the device and the ids are not checked:
+    a row whose id is outside ``[0, num_groups)`` takes part in no statistic and gets NaN, on every
+    backend. ``validate=True`` checks the ids and the values of a tensor ``weights`` (one sync) and raises
+    ``ValueError``; a list of weights is always checked (finite). Deterministic: bitwise identical run to
+    run (no atomics; independent of the launch grid), and invariant to a permutation of the samples up to
+    float32 rounding.
 
     Presets (the reference each one matches):
       * flow_grpo / RTDMD, one reward: ``scale="global", ddof=0, eps=1e-4``
@@ -423,18 +451,42 @@ def group_advantages(
         raise ValueError(f"clip must be None or a float >= 0, got {clip!r}")
     R = rewards.shape[1] if rewards.dim() == 2 else 1
     w = _check_weights(weights, R, rewards.device)
-    if num_groups is None:
-        num_groups = int(group_ids.max()) + 1 if N else 0  # the one documented device sync
-        if N and torch.compiler.is_compiling():  # traced as a data-dependent int: tell the tracer it is >= 1
-            torch._check(num_groups >= 1, lambda: "group_ids must be >= 0 when num_groups is inferred")
-    elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0):
         raise ValueError(f"num_groups must be None or an int >= 0, got {num_groups!r}")
+    check_w = validate and isinstance(weights, torch.Tensor)
+    if torch.compiler.is_compiling():
+        # traced: the read-backs are data-dependent ints, the checks runtime asserts (RuntimeError)
+        if N and (num_groups is None or validate):
+            lo, hi = int(group_ids.min()), int(group_ids.max())
+            torch._check(lo >= 0, lambda: "group_ids must be >= 0")
+            if num_groups is None:
+                num_groups = hi + 1
+                torch._check(num_groups >= 1, lambda: "group_ids must be >= 0")  # tell the tracer
+            else:
+                torch._check(hi < num_groups, lambda: "group_ids must be < num_groups")
+        if check_w:
+            torch._check(int((~torch.isfinite(w)).sum()) == 0, lambda: "weights must be finite")
+    elif (N and num_groups is None) or (validate and (N or check_w)):
+        # the documented read-back, one for everything: the ids' range, and under validate the count of
+        # non-finite tensor weights
+        checks = [group_ids.min(), group_ids.max()] if N else []
+        if check_w:
+            checks.append((~torch.isfinite(w)).sum())
+        got = torch.stack([c.to(torch.int64) for c in checks]).tolist()
+        if N:
+            lo, hi = got[0], got[1]
+            if num_groups is None:
+                if lo < 0:
+                    raise ValueError(f"group_ids must be >= 0 (num_groups inferred as max + 1), got {lo}")
+                num_groups = hi + 1
+            elif lo < 0 or hi >= num_groups:
+                raise ValueError(f"group_ids must lie in [0, num_groups={num_groups}), got {lo if lo < 0 else hi}")
+        if check_w and got[-1]:
+            raise ValueError(f"weights must be finite, got {weights.tolist()}")
+    if num_groups is None:
+        num_groups = 0  # N == 0 under torch.compile
     if N and num_groups == 0:
         raise ValueError(f"num_groups must be >= 1 for N={N} samples, got 0")
-    if validate and N:
-        lo, hi = int(group_ids.min()), int(group_ids.max())
-        if lo < 0 or hi >= num_groups:
-            raise ValueError(f"group_ids must lie in [0, num_groups={num_groups}), got values in [{lo}, {hi}]")
     args = (rewards.detach(), group_ids, w, num_groups, scale, int(ddof), float(eps), bool(restandardize),
             None if clip is None else float(clip))
     if torch.compiler.is_compiling():

@@ -94,29 +94,31 @@ def _policy_specs():
 
 
 def _advantage_specs():
-    stats_args = {"perm_ptr": "*i64", "off_ptr": "*i64", "mean_ptr": "*fp32", "std_ptr": "*fp32", "N": "i64",
+    stats_args = {"perm_ptr": "*i64", "off_ptr": "*i64", "mean_ptr": "*fp64", "std_ptr": "*fp64", "G": "i32",
                   "stride_n": "i64", "stride_r": "i64", "R": "i32", "ddof": "fp32"}
-    combine_args = {"ids_ptr": "*i64", "mean_ptr": "*fp32", "std_ptr": "*fp32", "w_ptr": "*fp32",
-                    "out_ptr": "*fp32", "valid_ptr": "*i8", "N": "i64", "G": "i64", "stride_n": "i64",
-                    "stride_r": "i64", "stride_id": "i64", "R": "i32", "eps": "fp32", "clip": "fp32"}
+    combine_args = {"ids_ptr": "*i64", "mean_ptr": "*fp64", "std_ptr": "*fp64", "w_ptr": "*fp64",
+                    "out_ptr": "*fp32", "a_ptr": "*fp64", "state_ptr": "*i8", "N": "i64", "G": "i64",
+                    "stride_n": "i64", "stride_r": "i64", "stride_id": "i64", "R": "i32", "eps": "fp32",
+                    "clip": "fp32"}
     for dtype in ("fp32", "bf16", "fp16"):
         p = f"*{dtype}"
-        for gather, with_std, block, rb in ((True, True, 32, 4), (True, False, 32, 4), (False, True, 1024, 4),
-                                            (True, True, 32, 1)):
-            yield (f"segment_stats {dtype} gather={gather} with_std={with_std} RB={rb}",
+        for glob, with_std, block, rb in ((False, True, 32, 4), (False, False, 32, 4), (True, True, 512, 4),
+                                          (False, True, 32, 1)):
+            yield (f"segment_stats {dtype} global={glob} with_std={with_std} RB={rb}",
                    advantage._segment_stats_kernel,
-                   *_sig({"r_ptr": p, **stats_args}, {"GATHER": gather, "WITH_STD": with_std, "BLOCK": block,
+                   *_sig({"r_ptr": p, **stats_args}, {"GLOBAL": glob, "WITH_STD": with_std, "BLOCK": block,
                                                       "RB": rb}))
         for ids in ("*i64", "*i32"):
-            for scale, has_w, clip, store_valid, rb in ((0, False, True, False, 4), (1, True, False, True, 4),
-                                                        (2, True, True, False, 4), (1, False, True, True, 1)):
-                yield (f"combine {dtype} ids={ids} scale={scale} w={has_w} clip={clip} valid={store_valid} RB={rb}",
+            for scale, has_w, clip, restd, rb in ((0, False, True, False, 4), (1, True, False, True, 4),
+                                                  (2, True, True, False, 4), (1, False, True, True, 1)):
+                yield (f"combine {dtype} ids={ids} scale={scale} w={has_w} clip={clip} restd={restd} RB={rb}",
                        advantage._combine_kernel,
                        *_sig({"r_ptr": p, **combine_args, "ids_ptr": ids},
-                             {"SCALE": scale, "HAS_W": has_w, "CLIP": clip, "STORE_VALID": store_valid,
+                             {"SCALE": scale, "HAS_W": has_w, "CLIP": clip, "RESTD": restd,
                               "BLOCK": advantage.COMBINE_BLOCK, "RB": rb}))
     for clip in (False, True):
-        args = {"a_ptr": "*fp32", "valid_ptr": "*i8", "N": "i64", "ddof": "fp32", "eps": "fp32", "clip": "fp32"}
+        args = {"a_ptr": "*fp64", "state_ptr": "*i8", "out_ptr": "*fp32", "N": "i64", "ddof": "fp32", "eps": "fp32",
+                "clip": "fp32"}
         yield (f"restandardize clip={clip}", advantage._restandardize_kernel,
                *_sig(args, {"CLIP": clip, "BLOCK": advantage.REDUCE_BLOCK}))
 

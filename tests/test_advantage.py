@@ -1,12 +1,13 @@
 """Tests of the group-normalized GRPO advantages (docs/kernels.md §4, docs/method.md §5.3, docs/kernels.md §4.1).
 
 Oracles, all in float64 on the rewards as the op sees them (already rounded to the test dtype, so
-only the op's own float32 arithmetic counts): the reference trainers transcribed in
+only the op's own arithmetic counts): the reference trainers transcribed in
 ``rtdmd_kernels.reference`` (flow_grpo / RTDMD tracker, RTDMD weighted mode, TRL, DanceGRPO), and
 ``_oracle`` below, a loop-per-group numpy statement of docs/kernels.md §4 for the edge cases the
-references do not define (NaN groups, singleton groups with ddof=1, empty groups, weights, clip).
-Advantages are O(1) numbers made in float32 from float32 statistics: 2e-5 relative to max|oracle|
-(~170 float32 ulps) leaves room for sums over a few hundred rewards and the division by std + eps.
+references do not define (NaN groups, singleton groups with ddof=1, empty groups, weights, clip, ids out of
+range, ±inf rewards, rewards near float32's range).
+Both paths compute in float64 and round once to float32, so the tests of hostile inputs (section 3) hold
+the op to F32_RTOL = 1e-6 relative to max|oracle| (a few float32 ulps); the others keep 2e-5.
 """
 
 from __future__ import annotations
@@ -21,32 +22,39 @@ from rtdmd_kernels import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 RTOL = 2e-5
+F32_RTOL = 1e-6  # float32 rounding of a float64 result
 
 
 def _close(ours, expected, rtol=RTOL):
+    """Equal to rounding: ``rtol`` relative to max(1, max|expected|); NaN exactly where ``expected`` is NaN."""
     ours = ours.detach().cpu().double().numpy()
     expected = np.asarray(expected, dtype=np.float64)
     assert ours.shape == expected.shape
-    assert not np.isnan(ours).any()
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(ours), nan), f"NaN at {np.flatnonzero(np.isnan(ours))}, not {np.flatnonzero(nan)}"
+    ours, expected = ours[~nan], expected[~nan]
     scale = max(1.0, float(np.abs(expected).max())) if expected.size else 1.0
     err = float(np.abs(ours - expected).max()) if expected.size else 0.0
     assert err <= rtol * scale, f"max error {err:.3e} > {rtol * scale:.3e}"
 
 
 def _oracle(rewards, ids, G, *, scale="group", ddof=0, eps=1e-4, weights=None, restandardize=False, clip=None):
-    """docs/kernels.md §4 in float64 numpy, one group at a time."""
+    """docs/kernels.md §4.1 in float64 numpy, one group at a time: a reward counts when it is finite and its
+    row's id lies in [0, G); a row with an id outside [0, G) ends NaN."""
     r = np.asarray(rewards, dtype=np.float64)
     r = r.reshape(r.shape[0], -1)
     ids = np.asarray(ids)
     N, R = r.shape
     w = np.ones(R) if weights is None else np.asarray(weights, dtype=np.float64)
+    id_ok = (ids >= 0) & (ids < G)
+    ok = np.isfinite(r) & id_ok[:, None]
 
     def std(v):
         return float(np.std(v, ddof=ddof)) if v.size > ddof else 0.0
 
     total = np.zeros(N)
     for j in range(R):
-        col, valid = r[:, j], ~np.isnan(r[:, j])
+        col, valid = r[:, j], ok[:, j]
         a = np.zeros(N)
         for g in range(G):
             m = (ids == g) & valid
@@ -57,11 +65,12 @@ def _oracle(rewards, ids, G, *, scale="group", ddof=0, eps=1e-4, weights=None, r
             a[m] = d / den
         total += w[j] * a
     if restandardize:
-        rv = (~np.isnan(r)).any(axis=1)
+        rv = ok.any(axis=1)
         out = np.zeros(N)
         out[rv] = (total[rv] - total[rv].mean()) / (std(total[rv]) + eps)
         total = out
-    return np.clip(total, -clip, clip) if clip is not None else total
+    total = np.clip(total, -clip, clip) if clip is not None else total
+    return np.where(id_ok, total, np.nan)
 
 
 def _groups(sizes, seed=0):
@@ -301,7 +310,7 @@ def test_backends_agree():
 
 def test_sorted_segment_torch_path():
     """The torch path off CPU sums sorted segments (segment_reduce) instead of index_add_: same numbers,
-    with ids outside [0, G) left out of every group."""
+    with ids outside [0, G) left out of every group (and, in the op, NaN)."""
     ids = _groups([7, 1, 12, 5], seed=11)
     r = _rewards(ids.numel(), 3, torch.float64)
     r[2, 0] = float("nan")
@@ -317,6 +326,17 @@ def test_sorted_segment_torch_path():
     sums = seg.sum(torch.ones(ids.numel(), 1, dtype=torch.float64))
     expected = torch.bincount(ids_bad[2:], minlength=4).double().unsqueeze(1)
     assert torch.equal(sums, expected)
+    # and the whole op on hostile input (ids out of range, ±inf, huge float32 rewards): both ways agree
+    r32 = (r * 1e30).float()
+    r32[3, 1], r32[4, 2] = float("inf"), float("-inf")
+    for scale in ("group", "global", "none"):
+        args = (r32, ids_bad, torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), 4, scale, 1, 1e-4, True, 3.0)
+        a = adv_mod._torch_impl(*args, use_index_add=True)
+        b = adv_mod._torch_impl(*args, use_index_add=False)
+        assert a.dtype == b.dtype == torch.float32 and bool(a[:2].isnan().all())
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
+        _close(b, _oracle(_f64(r32), ids_bad.numpy(), 4, scale=scale, ddof=1, weights=[1.0, 2.0, 0.5],
+                          restandardize=True, clip=3.0), rtol=F32_RTOL)
 
 
 def test_clip(device_backend):
@@ -358,8 +378,185 @@ def test_compile_fullgraph(device_backend):
     assert torch.equal(out, fn(r, ids))
 
 
+def test_compile_checks(dynamo_reset):
+    """Under torch.compile the read-back checks (negative ids with num_groups=None; validate=True) are runtime
+    assertions of the one graph: they raise RuntimeError, and valid inputs pass."""
+    r, ids = _rewards(8, 2), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    inferred = torch.compile(lambda r, i: rk.group_advantages(r, i) * 1, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(inferred(r, ids), rk.group_advantages(r, ids))
+    with pytest.raises(RuntimeError):
+        inferred(r, ids - 1)
+    checked = torch.compile(lambda r, i, w: rk.group_advantages(r, i, num_groups=4, weights=w, validate=True) * 1,
+                            fullgraph=True, backend="aot_eager")
+    w = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(checked(r, ids, w), rk.group_advantages(r, ids, num_groups=4, weights=w))
+    for bad_ids, bad_w in ((ids + 1, w), (ids, torch.tensor([1.0, float("nan")]))):
+        with pytest.raises(RuntimeError):
+            checked(r, bad_ids, bad_w)
+
+
 # ---------------------------------------------------------------------------------------------
-# 3. errors
+# 3. hostile inputs: ids out of range, non-finite rewards and weights, rewards near float32's range
+
+
+def _bad_ids(ids, G, seed):
+    """``ids`` with a few rows moved out of [0, G) (negative, G, far above); returns (ids, bad mask)."""
+    g = torch.Generator().manual_seed(seed)
+    bad = torch.zeros(ids.numel(), dtype=torch.bool)
+    bad[torch.randperm(ids.numel(), generator=g)[:5]] = True
+    out = ids.clone()
+    out[bad] = torch.tensor([-1, G, G + 7, -(2**40), 2**40])
+    return out, bad
+
+
+@pytest.mark.parametrize("scale", ["group", "global", "none"])
+@pytest.mark.parametrize("R", [None, 3])
+def test_ids_out_of_range(device_backend, scale, R):
+    """num_groups given, no validate: a row whose id is outside [0, G) is in no statistic (its group's, the
+    column's, the restandardisation) and gets NaN; every other row gets what it gets without the bad rows."""
+    device, _ = device_backend
+    r, ids, G = _edge_case(R, device)  # NaN rewards and an empty group too
+    bad_ids, bad = _bad_ids(ids, G, seed=20)
+    r[bad] = 1e6  # large: they would move any statistic they took part in
+    w = None if R is None else [0.5, -1.0, 2.0]
+    for restd, clip in ((False, None), (True, 1.5)):
+        kw = {"scale": scale, "weights": w, "restandardize": restd, "clip": clip}
+        out = rk.group_advantages(r, bad_ids.to(device), num_groups=G, **kw)
+        assert bool(out.cpu()[bad].isnan().all()) and not bool(out.cpu()[~bad].isnan().any())
+        _close(out, _oracle(_f64(r), bad_ids.numpy(), G, **kw), rtol=F32_RTOL)
+        clean = rk.group_advantages(r[~bad.to(device)], ids[~bad].to(device), num_groups=G, **kw)
+        torch.testing.assert_close(out[~bad.to(device)], clean, rtol=1e-6, atol=1e-6)
+
+
+def test_ids_out_of_range_backends_agree():
+    """The documented result for ids outside [0, G) is the same on both backends (NaN rows, the rest equal)."""
+    ids = _groups([9, 4, 11, 6], seed=21)
+    bad_ids, bad = _bad_ids(ids, 4, seed=22)
+    r = _rewards(ids.numel(), 2)
+    try:
+        with rk.use_backend("triton"):
+            rk.backend_for(r)
+    except RuntimeError:
+        pytest.skip("no Triton backend on this machine")
+    r[3, 1] = float("inf")
+    for scale in ("group", "global", "none"):
+        kw = {"num_groups": 4, "scale": scale, "weights": [1.0, -2.0], "restandardize": True, "clip": 2.0}
+        with rk.use_backend("torch"):
+            a = rk.group_advantages(r, bad_ids, **kw)
+        with rk.use_backend("triton"):
+            b = rk.group_advantages(r, bad_ids, **kw)
+        assert torch.equal(a.isnan(), bad) and torch.equal(b.isnan(), bad)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_negative_ids_inferred_num_groups(device_backend):
+    """num_groups=None reads the ids' min and max back (one sync): a negative id is a ValueError."""
+    device, _ = device_backend
+    ids = torch.tensor([0, 0, 1, 1, -3, 2], device=device)
+    with pytest.raises(ValueError, match=r"group_ids must be >= 0.*got -3"):
+        rk.group_advantages(_rewards(6, device=device), ids)
+    with pytest.raises(ValueError, match=r"group_ids must be >= 0.*got -1"):
+        rk.group_advantages(_rewards(6, 2, device=device), ids.clamp_min(-1).to(torch.int32))
+
+
+def test_validate(device_backend):
+    """validate=True: an id outside [0, num_groups) or a non-finite tensor weight is a ValueError naming it;
+    without validate a tensor weight is not read back (no sync), and non-finite weights propagate."""
+    device, _ = device_backend
+    r = _rewards(6, 2, device=device)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    for bad, got in ((5, 5), (3, 3), (-1, -1), (-(2**40), -(2**40))):
+        with pytest.raises(ValueError, match=rf"group_ids must lie in \[0, num_groups=3\), got {got}$"):
+            rk.group_advantages(r, torch.cat([ids[:5], ids.new_tensor([bad])]), num_groups=3, validate=True)
+    w = torch.tensor([1.0, float("nan")], device=device)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        rk.group_advantages(r, ids, num_groups=3, weights=w, validate=True)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        rk.group_advantages(r, ids, weights=w.flip(0) * float("inf"), validate=True)
+    assert bool(rk.group_advantages(r, ids, num_groups=3, weights=w).isnan().any())  # not checked: propagates
+    ok = rk.group_advantages(r, ids, num_groups=3, weights=torch.tensor([1.0, 2.0], device=device), validate=True)
+    _close(ok, _oracle(_f64(r), ids.cpu().numpy(), 3, weights=[1.0, 2.0]), rtol=F32_RTOL)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_weight_list(device_backend, bad):
+    device, _ = device_backend
+    r = _rewards(6, 2, device=device)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    for w in ([1.0, bad], (bad, 2.0)):
+        with pytest.raises(ValueError, match="weights must be finite"):
+            rk.group_advantages(r, ids, num_groups=3, weights=w)
+
+
+@pytest.mark.parametrize("scale", ["group", "global", "none"])
+@pytest.mark.parametrize("R", [None, 3])
+def test_infinite_rewards(device_backend, scale, R):
+    """±inf rewards are left out of every statistic of their column, as NaN ones, and get A_j = 0."""
+    device, _ = device_backend
+    ids = _groups([7, 5, 9, 6], seed=23)
+    r = _rewards(ids.numel(), R)
+    r[[2, 11]] = float("inf")
+    r[[5, 20]] = float("-inf")
+    if R is not None:
+        r[8, 1] = float("inf")
+        r[13, 0] = float("nan")
+    w = None if R is None else [1.0, 0.5, -2.0]
+    for restd, clip in ((False, None), (True, 2.0)):
+        kw = {"scale": scale, "weights": w, "restandardize": restd, "clip": clip}
+        out = rk.group_advantages(r.to(device), ids.to(device), num_groups=4, **kw)
+        _close(out, _oracle(_f64(r), ids.numpy(), 4, **kw), rtol=F32_RTOL)
+        assert torch.equal(out.cpu()[[2, 5, 11, 20]], torch.zeros(4))  # rows whose every reward is ±inf
+
+
+@pytest.mark.parametrize("scale,factor", [(s, f) for s in ("group", "global", "none") for f in (1e19, 1e30)]
+                         + [("group", 1e-30), ("global", 1e-30)])  # "none" has no variance to underflow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_and_tiny_rewards(device_backend, scale, factor, dtype):
+    """Rewards with |r| around 1e19 (their squares pass float32's range), scaled by 1e30, or by 1e-30 (their
+    squares underflow float32): the advantages still match the float64 oracle to float32 rounding. eps is
+    absolute, so eps=0 is tried too (tiny rewards: A is (r - mean)/std, of order 1)."""
+    device, _ = device_backend
+    ids = _groups([12, 7, 16, 9], seed=24)
+    r = (_rewards(ids.numel(), 2) * factor).to(dtype)
+    assert bool(torch.isfinite(r).all())
+    for eps, restd in ((1e-4, False), (1e-4, True), (0.0, False)):
+        kw = {"scale": scale, "eps": eps, "weights": [1.0, 3.0], "restandardize": restd}
+        out = rk.group_advantages(r.to(device), ids.to(device), num_groups=4, **kw)
+        expected = _oracle(_f64(r), ids.numpy(), 4, **kw)
+        _close(out, expected, rtol=F32_RTOL)
+        if scale != "none" and (factor > 1 or eps == 0):
+            assert float(np.abs(expected).max()) > 0.5  # O(1): not the all-zero answer of a float32 variance
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's float64 -> float32 of inf
+@pytest.mark.parametrize("scale", ["group", "global", "none"])
+def test_rewards_near_float32_max(device_backend, scale):
+    """Rewards up to float32's largest value (3.4e38): group/global against the oracle; "none" gives
+    A = r - mean, which is finite when the rewards share a sign and may pass float32's range otherwise
+    (then ±inf, float32's rounding of the true value), yet restandardised it is an O(1) number again."""
+    device, _ = device_backend
+    fmax = torch.finfo(torch.float32).max
+    ids = _groups([10, 6, 13, 8], seed=25)
+    u = torch.rand(ids.numel(), 2, generator=torch.Generator().manual_seed(26))
+    r = (u * 2 - 1) * 3e38
+    r[[0, 1], [0, 1]] = torch.tensor([fmax, -fmax])
+    positive = 1e38 + u * 2.4e38
+    positive[2, 0] = fmax
+    for rr, restd in ((r, False), (r, True), (positive, False)):
+        kw = {"scale": scale, "weights": [1.0, -0.5], "restandardize": restd}
+        out = rk.group_advantages(rr.to(device), ids.to(device), num_groups=4, **kw)
+        expected = _oracle(_f64(rr), ids.numpy(), 4, **kw)
+        if scale == "none" and not restd and rr is r:  # |A| past float32's range: ±inf, as float32 rounds it
+            big = np.abs(expected) > fmax
+            assert big.any() and np.array_equal(np.isinf(out.cpu().numpy()), big)
+            assert np.array_equal(np.sign(out.cpu().numpy()[big]), np.sign(expected[big]))
+            out, expected = out[torch.from_numpy(~big).to(device)], expected[~big]
+        assert bool(torch.isfinite(out).all())
+        _close(out, expected, rtol=F32_RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. errors
 
 
 def test_errors():
