@@ -5,22 +5,26 @@ Layout of one checkpoint directory ``<run>/checkpoints/stage1-step-N/`` or ``sta
 - ``<module>.safetensors``: a module state dict (``generator``, ``generator_ema``, ``fake_score``, ...);
 - ``<optimizer>.optim.safetensors``: an optimizer ``state_dict()``; per-parameter tensors are stored as
   ``state.<param_id>.<key>``, everything else (scalars, ``param_groups``) as JSON in the file's metadata;
-- ``state.json``: step counters, config hash, RNG state (:func:`rng_state`) and anything JSON-able.
+- ``state.json``: step counters, config hash, RNG state (:func:`rng_state`) and anything JSON-able;
+- ``manifest.json``, written last: the size and sha256 of every other file.
 
-Weights are never pickled. Every file is written under a temporary name and renamed; the directory
-itself is built as ``<name>.tmp-<pid>`` and renamed at the end, so a crash never leaves something that
-:func:`list_checkpoints` takes for a checkpoint.
+Weights are never pickled, and never saved when any is non-finite. Every file is written under a temporary name
+and renamed; the directory itself is built as ``<name>.tmp-<pid>`` and renamed at the end, so a crash never leaves
+something that :func:`list_checkpoints` takes for a checkpoint. :func:`load_checkpoint` verifies the manifest,
+the files and the tensors' finiteness, and :func:`load_latest` falls back to the newest checkpoint that verifies
+(docs/training.md §3.2).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +41,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Checkpoint",
+    "CheckpointError",
     "checkpoint_name",
+    "clean_temporaries",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_latest",
     "load_safetensors",
     "prune_checkpoints",
     "rng_state",
@@ -50,10 +57,16 @@ __all__ = [
 ]
 
 STATE_FILE = "state.json"
+MANIFEST = "manifest.json"
 OPTIM_SUFFIX = ".optim.safetensors"
 _OPTIM_META_KEY = "rtdmd.optimizer"
 _NAME_RE = re.compile(r"^(?:stage1-step-(\d+)|stage2-epoch-(\d+))$")
 _PART_RE = re.compile(r"^[A-Za-z0-9_\-]+$")  # module/optimizer names: no dots, so suffixes cannot collide
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: a file missing, truncated or changed since it was written, unreadable
+    state, or non-finite tensors (also raised instead of saving non-finite tensors)."""
 
 
 # ----------------------------------------------------------------------------- atomic primitives
@@ -233,6 +246,42 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(torch.tensor(s, dtype=torch.uint8), i)
 
 
+# ----------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensors(tree: Any, prefix: str) -> Iterable[tuple[str, Tensor]]:
+    """Every tensor in a state dict or optimizer state, with a dotted name."""
+    if isinstance(tree, Tensor):
+        yield prefix, tree
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def non_finite(trees: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``trees`` (name -> state dict) that hold a NaN or an inf, with
+    their count of such values. One host sync per tensor: call it where the caller syncs anyway (a save)."""
+    bad = []
+    for name, tree in trees.items():
+        for key, t in _tensors(tree, name):
+            if t.is_floating_point() and t.numel():
+                n = int((~torch.isfinite(t.detach())).sum())
+                if n:
+                    bad.append(f"{key} ({n} of {t.numel()})")
+    return bad
+
+
 # ----------------------------------------------------------------------------- checkpoint directories
 
 
@@ -272,9 +321,13 @@ def save_checkpoint(
     for name in optimizers:
         _check_part_name("optimizers", name)
     try:
-        state_text = json.dumps(dict(state or {}), indent=1, sort_keys=True)
-    except TypeError as e:
-        raise TypeError(f"state: must be JSON-able ({e})") from e
+        state_text = json.dumps(dict(state or {}), indent=1, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"state: must be JSON-able and finite ({e})") from e
+    bad = non_finite({**modules, **{f"{k}.optim": v for k, v in optimizers.items()}})
+    if bad:
+        raise CheckpointError(f"refusing to save {path.name}: non-finite values in {', '.join(bad[:3])}"
+                              + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
@@ -286,7 +339,10 @@ def save_checkpoint(
             save_safetensors(sd, tmp / f"{name}.safetensors")
         for name, sd in optimizers.items():
             _save_optimizer(sd, tmp / f"{name}{OPTIM_SUFFIX}")
-        atomic_write_text(tmp / STATE_FILE, state_text)  # last: its presence marks a complete directory
+        atomic_write_text(tmp / STATE_FILE, state_text)
+        files = sorted(f for f in tmp.iterdir() if f.is_file())
+        manifest = {"files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))  # last
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -312,23 +368,109 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a directory written by :func:`save_checkpoint`; tensors go to ``device``.
+def verify_files(path: Path) -> None:
+    """Check every file of checkpoint ``path`` against its manifest (size, sha256); ``CheckpointError`` says what
+    differs. A checkpoint written before manifests existed has none: it is checked when loaded, not here."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(v["bytes"]), str(v["sha256"])) for name, v in files.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path.name}: unreadable {MANIFEST} ({type(e).__name__})") from None
+    for name, (size, digest) in expected.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path.name}: {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{path.name}: {name} has {f.stat().st_size} bytes, {size} were written")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{path.name}: {name} changed since it was written (sha256 mismatch)")
+    extra = {f.name for f in path.glob("*.safetensors")} - set(expected)
+    if extra:
+        raise CheckpointError(f"{path.name}: {', '.join(sorted(extra))} not in its {MANIFEST}")
 
-    Raises ``FileNotFoundError`` naming ``path`` if it is missing or incomplete (no ``state.json``).
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu", *,
+                    require: Iterable[str] = ()) -> Checkpoint:
+    """Load and verify a directory written by :func:`save_checkpoint`; tensors go to ``device``.
+
+    Raises ``FileNotFoundError`` naming ``path`` if it is missing or incomplete (no ``state.json``), and
+    :class:`CheckpointError` if a file differs from its manifest, cannot be read, a ``require``-d state key is
+    missing, or a tensor is non-finite.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"incomplete checkpoint at {path}: no {STATE_FILE}")
-    ckpt = Checkpoint(path=path, state=json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    verify_files(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: unreadable {STATE_FILE} ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name}: {STATE_FILE} is not a mapping")
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise CheckpointError(f"{path.name}: {STATE_FILE} lacks {', '.join(missing)}")
+    ckpt = Checkpoint(path=path, state=state)
     for f in sorted(path.glob("*.safetensors")):
-        if f.name.endswith(OPTIM_SUFFIX):
-            ckpt.optimizers[f.name[: -len(OPTIM_SUFFIX)]] = _load_optimizer(f, device)
-        else:
-            ckpt.modules[f.name[: -len(".safetensors")]] = load_safetensors(f, device)
+        try:
+            if f.name.endswith(OPTIM_SUFFIX):
+                ckpt.optimizers[f.name[: -len(OPTIM_SUFFIX)]] = _load_optimizer(f, device)
+            else:
+                ckpt.modules[f.name[: -len(".safetensors")]] = load_safetensors(f, device)
+        except Exception as e:  # safetensors raises its own types for a truncated or garbled file
+            raise CheckpointError(f"{path.name}: cannot read {f.name} ({type(e).__name__})") from None
+    bad = non_finite({**ckpt.modules, **{f"{k}.optim": v for k, v in ckpt.optimizers.items()}})
+    if bad:
+        raise CheckpointError(f"{path.name}: non-finite values in {', '.join(bad[:3])}")
     return ckpt
+
+
+def load_latest(run_dir: str | os.PathLike[str], stage: int | None = None, device: str | torch.device = "cpu",
+                *, require: Iterable[str] = (), modules: Iterable[str] = (),
+                on_skip=None) -> Checkpoint | None:
+    """The newest checkpoint (of ``stage`` if given) that verifies and has the ``modules`` and ``require``-d state
+    keys, loaded; ``None`` when there is no checkpoint. Each one skipped is reported as ``on_skip(path, reason)``
+    (default: a warning); when there are checkpoints but none verifies, :class:`CheckpointError` lists them."""
+    skipped = []
+    for _, path in reversed(_complete(Path(run_dir))):
+        if stage is not None and _parse_name(path.name)[0] != stage:
+            continue
+        try:
+            c = load_checkpoint(path, device, require=require)
+            absent = [m for m in modules if m not in c.modules]
+            if absent:
+                raise CheckpointError(f"{path.name}: no {', '.join(absent)} weights")
+            return c
+        except CheckpointError as e:
+            skipped.append(str(e))
+            if on_skip is not None:
+                on_skip(path, str(e))
+            else:
+                logger.warning("skipping checkpoint %s", e)
+    if skipped:
+        raise CheckpointError(f"no {'stage-' + str(stage) + ' ' if stage else ''}checkpoint in "
+                              f"{Path(run_dir) / 'checkpoints'} verifies: {'; '.join(skipped)}")
+    return None
+
+
+def clean_temporaries(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete what a crashed writer left behind: ``checkpoints/*.tmp-*`` folders and files and the run folder's
+    ``.*.tmp`` files. Only the holder of the run's lock may call it (no other writer can be mid-write)."""
+    run_dir = Path(run_dir)
+    found = list((run_dir / "checkpoints").glob("*.tmp-*")) if (run_dir / "checkpoints").is_dir() else []
+    found += [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        logger.info("removed %s, left by an interrupted write", p)
+    return found
 
 
 def checkpoint_name(stage: int, index: int) -> str:

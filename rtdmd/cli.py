@@ -8,26 +8,61 @@ import sys
 
 import torch
 
+from .checkpoint import CheckpointError
 from .config import ConfigError
 
 EXIT_USAGE = 2
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage dump) and exits 2."""
+    """argparse that reports a bad argument in one line (no usage dump) and exits 2; every command has
+    ``--debug`` (tracebacks instead of one-line errors, see :func:`run_cli`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class CLIExit(Exception):
+    """Stop the command with ``code`` and one line, ``message`` (an interrupted or failed run, not a bug)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def run_cli(prog: str, main, argv=None) -> int:
-    """Run ``main(argv)``; user errors (bad config, bad path, bad value) become one line on stderr and exit 2."""
+    """Run ``main(argv)``. User errors (bad config, path, value, an unusable checkpoint) become one line on stderr
+    and exit 2; a stopped run (:class:`CLIExit`: Ctrl-C 130, a non-finite step 1) and an OS error (a full disk: 1)
+    one line too. ``--debug`` among the arguments shows the traceback instead."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         return main(argv)
-    except (ConfigError, FileNotFoundError, NotADirectoryError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+        if debug:
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except CLIExit as e:
+        if debug:
+            raise
+        print(f"{prog}: {'stopped' if e.code != 130 else 'interrupted'}: {e}", file=sys.stderr)
+        return e.code
+    except OSError as e:
+        if debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as e:  # argparse (bad arguments, --help): return its code to in-process callers
         return e.code if isinstance(e.code, int) else EXIT_USAGE
 

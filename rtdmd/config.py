@@ -31,7 +31,8 @@ from ._io import atomic_write_text
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "ToyConfig", "ScheduleConfig", "RewardConfig", "Stage1Config",
     "Stage2Config", "DataConfig", "EvalConfig", "LogConfig", "DistributedConfig", "load_config", "config_from_dict",
-    "config_to_dict", "save_config", "section_hash", "available_presets", "validate",
+    "config_to_dict", "save_config", "section_hash", "available_presets", "validate", "changed_keys", "resumable",
+    "RESUMABLE",
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -250,11 +251,17 @@ class DistributedConfig:
     strategy: Literal["none", "ddp", "fsdp"] = "none"  # one process, replicated (DDP) or sharded (FSDP2)
 
 
+def _check_name(v: str) -> str | None:
+    """a plain name: letters, digits, ``_ . -``"""
+    return None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", v) else "must be a plain name (letters, digits, _ . -)"
+
+
 @dataclass
 class Config:
-    preset: str = "toy"  # the preset this config came from (names the run folder)
+    preset: str = field(default="toy", metadata={"check": _check_name})  # the preset it came from (names run folders)
     seed: int = field(default=0, metadata=_rng(0))  # every random draw of the run derives from it
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when there is one
+    nonfinite: Literal["stop", "skip"] = "stop"  # a step whose loss or gradient is not finite: stop, or undo it
     model: ModelConfig = field(default_factory=ModelConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -418,7 +425,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'stage1.renoise_min' must be <= stage1.renoise_max = "
                           f"{cfg.stage1.renoise_max}, got {cfg.stage1.renoise_min}")
     s2, n_steps = cfg.stage2, len(cfg.schedule.denoising_steps)
-    if s2.ppo_step_range[1] >= n_steps - 1 and n_steps > 1:
+    if s2.ppo_steps > 0 and n_steps == 1:
+        raise ConfigError("config key 'stage2.ppo_steps' must be 0 with one sampler step (schedule.denoising_steps "
+                          "has a single, deterministic step: there is no stochastic step to train by PPO)")
+    if s2.ppo_steps > 0 and s2.ppo_step_range[1] >= n_steps - 1:
         raise ConfigError(f"config key 'stage2.ppo_step_range' must end before the deterministic last step "
                           f"{n_steps - 1}, got {s2.ppo_step_range}")
     if s2.ppo_steps > s2.ppo_step_range[1] - s2.ppo_step_range[0] + 1:
@@ -466,12 +476,48 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML atomically (temp file in the same folder, then ``os.replace``)."""
+def save_config(cfg: Config, path: str | Path, notes: Sequence[str] = ()) -> None:
+    """Write ``cfg`` as YAML atomically (temp file in the same folder, then ``os.replace``), with ``notes`` (comment
+    lines) at the end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    atomic_write_text(path, text)
+    atomic_write_text(path, text + "".join(f"{n}\n" for n in notes))
+
+
+#: Keys a ``--resume --set`` may change: they neither shape the models, the data nor the random draws. Learning
+#: rates and the other optimizer settings are applied to the loaded optimizer state too.
+RESUMABLE = {
+    "device", "nonfinite", "log", "eval", "distributed",
+    "stage1.steps", "stage1.generator_lr", "stage1.fake_lr", "stage1.adam_betas", "stage1.adam_eps",
+    "stage1.weight_decay", "stage1.grad_clip", "stage1.checkpoint_every", "stage1.keep_checkpoints",
+    "stage1.rollout_checkpoint", "stage1.fake_gradient_checkpointing",
+    "stage2.steps", "stage2.lr", "stage2.fake_lr", "stage2.adam_betas", "stage2.adam_eps", "stage2.weight_decay",
+    "stage2.grad_clip", "stage2.checkpoint_every", "stage2.keep_checkpoints", "stage2.fake_gradient_checkpointing",
+    "stage2.vae_checkpointing", "stage2.bp_batch_size", "stage2.decode_batch_size", "stage2.sample_batch_size",
+    "model.attention", "model.gradient_checkpointing",
+}
+
+
+def resumable(key: str) -> bool:
+    """Whether dotted ``key`` (or a section holding it) is in :data:`RESUMABLE`."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in RESUMABLE for i in range(1, len(parts) + 1))
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (a reward entry added or removed counts as its name)."""
+
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = []
+            for k in list(a) + [k for k in b if k not in a]:
+                key = f"{prefix}{k}"
+                out += [key] if k not in a or k not in b else walk(a[k], b[k], f"{key}.")
+            return out
+        return [] if a == b else [prefix[:-1]]
+
+    return walk(config_to_dict(old), config_to_dict(new), "")
 
 
 def available_presets() -> list[str]:
@@ -527,6 +573,9 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config key '{key}': cannot parse override value {text!r} as YAML") from e
+    if value is None and len(parts) > 1 and typing.get_origin(_field_type(parts[:-1])) is dict:
+        data.get(parts[0], {}).pop(parts[-1], None)  # `--set rewards.NAME=null` removes the entry
+        return
     str_like = tp is str or _optional_inner(tp) is str or (
         typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp)))
     if str_like and value is not None and not isinstance(value, str):

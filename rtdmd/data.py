@@ -38,8 +38,15 @@ def load_prompts(path: str | Path, *, key: str = "data.train_prompts") -> list[P
         raise ValueError(f"{key}: no such file: {p}")
     if p.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"{key}: expected a .txt or .jsonl file, got {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key}: {p} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})"
+                         ) from None
+    except OSError as e:
+        raise ValueError(f"{key}: cannot read {p} ({e.strerror})") from None
     prompts: list[Prompt] = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if p.suffix == ".txt":

@@ -90,6 +90,14 @@ class DistEnv:
         flat /= self.world
         return {k: flat[i] for i, k in enumerate(keys)}
 
+    def any(self, flags: torch.Tensor) -> torch.Tensor:
+        """Element-wise OR of a bool tensor over ranks: one ``all_reduce``, no host sync."""
+        if not self.active:
+            return flags
+        t = flags.to(torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.bool()
+
     def sync_grads(self, module: nn.Module) -> None:
         """``ddp``: average the gradients of ``module``'s trainable parameters over ranks (bucketed: one
         ``all_reduce`` of the flattened gradients per dtype). No-op otherwise (FSDP reduces in backward)."""

@@ -7,18 +7,26 @@
     <run>/checkpoints/       stage1-step-N/, stage2-epoch-N/ (rtdmd.checkpoint)
     <run>/summary.json       evaluation rows and stage wall times
     <run>/samples.png        (toy) the picture of the evaluation rows
+    <run>/run.lock           held by the one process writing the run (docs/training.md §3.3)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_text
+from .checkpoint import clean_temporaries
 from .config import Config, ConfigError, load_config, save_config
+
+log = logging.getLogger(__name__)
+LOCK_FILE = "run.lock"
 
 
 def _json_safe(value: Any) -> Any:
@@ -38,22 +46,82 @@ class RunFolder:
     def __init__(self, path: str | Path, *, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self.created = False  # made by this process (create): removed again if the run fails before any work
+        self.made_with: list[Path] = []  # the checkpoints it was made with (a copied stage 1)
+        self._lock_fd: int | None = None
 
     @classmethod
     def create(cls, out: str | Path | None, cfg: Config) -> RunFolder:
-        """A new run folder (``runs/<preset>-<YYYYmmdd-HHMMSS>/`` without ``out``) with ``config.yaml`` written."""
+        """A new run folder (``runs/<preset>-<YYYYmmdd-HHMMSS>/`` without ``out``), locked, with ``config.yaml``
+        written. A folder that holds a run, or checkpoints without a run config, is refused."""
         path = Path(out) if out is not None else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path}: exists and is not a directory")
-        if (path / "config.yaml").exists():
-            raise ConfigError(f"--out {path}: already holds a run (use --resume {path} to continue it)")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"--out {path}: cannot create it ({e.strerror})") from None
         run = cls(path)
+        run.lock("--out")
+        if run.config_path.exists():
+            run.unlock()
+            raise ConfigError(f"--out {path}: already holds a run (use --resume {path} to continue it)")
+        if (path / "checkpoints").exists():
+            run.unlock()
+            raise ConfigError(f"--out {path}: holds checkpoints but no config.yaml (not a run folder of "
+                              "rtdmd.train); choose another --out")
         save_config(cfg, run.config_path)
+        run.created = True
         return run
+
+    def lock(self, flag: str = "--resume") -> None:
+        """Become the run's one writer for this process's life: an exclusive ``flock`` on ``run.lock`` (the
+        kernel drops it when the process dies, so a stale lock file from a crash is simply taken over); then
+        clear what an interrupted writer left (temporary files) and a torn last line of ``metrics.jsonl``.
+        Another live writer is a ``ConfigError`` naming its pid. A no-op for non-writers (torchrun ranks > 0)."""
+        if not self.writer or self._lock_fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks to take
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split() or ["?"]
+            os.close(fd)
+            raise ConfigError(f"{flag} {self.path}: the run is being written by process {holder[0]}"
+                              f"{' on ' + holder[1] if len(holder) > 1 else ''}; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+        clean_temporaries(self.path)
+        self._repair_metrics()
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _repair_metrics(self) -> None:
+        """Drop a torn last line of ``metrics.jsonl`` (a crash mid-append) so that new lines start clean."""
+        p = self.path / "metrics.jsonl"
+        if not p.is_file():
+            return
+        data = p.read_bytes()
+        keep = data.rfind(b"\n", 0, len(data) - 1) + 1 if data and not data.endswith(b"\n") else len(data)
+        if keep == len(data) and data:
+            last = data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
+            try:
+                json.loads(last)
+            except ValueError:
+                keep = len(data) - len(last)
+        if keep < len(data):
+            with open(p, "r+b") as f:
+                f.truncate(keep)
+            log.warning("metrics.jsonl: dropped a torn last line (%d bytes) left by an interrupted run",
+                        len(data) - keep)
 
     @classmethod
     def open(cls, path: str | Path, flag: str = "--resume") -> RunFolder:
@@ -64,6 +132,25 @@ class RunFolder:
 
     def load_config(self, overrides=()) -> Config:
         return load_config(config_file=self.config_path, overrides=overrides)
+
+    def record_changes(self, old: Config, new: Config, keys: list[str]) -> None:
+        """Rewrite ``config.yaml`` with the keys a ``--resume --set`` changed, and append a comment line that
+        says what changed and at which checkpoint; earlier such lines are kept."""
+        from .checkpoint import latest_checkpoint
+        from .config import config_to_dict
+
+        def value(cfg: Config, key: str):
+            node = config_to_dict(cfg)
+            for part in key.split("."):
+                node = node[part]
+            return node
+
+        at = latest_checkpoint(self.path)
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        line = (f"# --resume at {at.name if at else 'the start'} ({when}): "
+                + ", ".join(f"{k}: {value(old, k)!r} -> {value(new, k)!r}" for k in keys))
+        notes = [ln for ln in self.config_path.read_text(encoding="utf-8").splitlines() if ln.startswith("# --resume")]
+        save_config(new, self.config_path, notes=[*notes, line])
 
     @property
     def config_path(self) -> Path:

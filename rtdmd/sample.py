@@ -21,7 +21,7 @@ if __name__ == "__main__":  # before the first import of a trainer dependency: o
 
 import numpy as np
 
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import load_latest
 from .cli import ArgumentParser, resolve_device, run_cli
 from .config import ConfigError
 from .run import RunFolder
@@ -47,17 +47,13 @@ def load_generator(run: RunFolder, cfg, world, device):
     """The EMA generator of the newest checkpoint, or the base network; returns ``(network, source)``."""
     from .models.toy import build_network, pretrain_base
 
-    ckpt = latest_checkpoint(run.path)
+    ckpt = load_latest(run.path, modules=("generator_ema",))  # the newest that verifies; skipped ones are said
     if ckpt is None:
         net, _ = pretrain_base(world, cfg, device=device)
         return net.eval(), "base network (the run has no stage checkpoint)"
-    modules = load_checkpoint(ckpt).modules
-    name = "generator_ema" if "generator_ema" in modules else "generator"
-    if name not in modules:
-        raise FileNotFoundError(f"{ckpt}: no generator weights in this checkpoint")
     net = build_network(world, cfg.model)
-    net.load_state_dict(modules[name])
-    return net.to(device).eval(), f"{ckpt.name}/{name}"
+    net.load_state_dict(ckpt.modules["generator_ema"])
+    return net.to(device).eval(), f"{ckpt.path.name}/generator_ema"
 
 
 def main(argv=None) -> int:
@@ -68,8 +64,8 @@ def main(argv=None) -> int:
         args.num = 256 if cfg.model.kind == "toy" else 1
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
-    if args.steps is not None and args.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise ConfigError(f"--steps must be in [1, 1000] (one step per distinct timestep at most), got {args.steps}")
     seed = cfg.seed if args.seed is None else args.seed
     if seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {seed}")
@@ -107,19 +103,19 @@ def load_image_generator(run: RunFolder, cfg, device):
     from .models.diffusion import load_core, stage1_models, stage2_models
     from .train import user_errors
 
-    s1, s2 = latest_checkpoint(run.path, stage=1), latest_checkpoint(run.path, stage=2)
+    s1 = load_latest(run.path, stage=1, modules=("generator_ema", "fake_score"))
+    s2 = load_latest(run.path, stage=2, modules=("generator_ema",))
     if s1 is None:
         raise FileNotFoundError(f"{run.path}: no stage-1 checkpoint to sample from")
     with user_errors():
         core = load_core(cfg.model, device)
-    s1_modules = load_checkpoint(s1).modules
     if s2 is None:
         generator, _, _ = stage1_models(core, cfg)
-        generator.load_state_dict(s1_modules["generator_ema"])
-        return generator.eval(), f"{s1.name}/generator_ema"
-    generator, _, _ = stage2_models(core, cfg, s1_modules)
-    generator.load_state_dict(load_checkpoint(s2).modules["generator_ema"])
-    return generator.eval(), f"{s1.name}/generator_ema + {s2.name}/generator_ema"
+        generator.load_state_dict(s1.modules["generator_ema"])
+        return generator.eval(), f"{s1.path.name}/generator_ema"
+    generator, _, _ = stage2_models(core, cfg, s1.modules)
+    generator.load_state_dict(s2.modules["generator_ema"])
+    return generator.eval(), f"{s1.path.name}/generator_ema + {s2.path.name}/generator_ema"
 
 
 def sample_images(args, run: RunFolder, cfg, seed: int, device) -> int:

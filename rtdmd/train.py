@@ -13,7 +13,6 @@ import logging
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,10 +22,11 @@ if __name__ == "__main__":  # before the first import of a trainer dependency: o
     require_trainer_packages("python -m rtdmd.train")
 
 from . import distributed
-from .checkpoint import latest_checkpoint
-from .cli import ArgumentParser, resolve_device, run_cli
-from .config import Config, ConfigError, load_config
+from .checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_latest
+from .cli import ArgumentParser, CLIExit, resolve_device, run_cli
+from .config import Config, ConfigError, changed_keys, load_config, resumable
 from .run import RunFolder
+from .stages.common import NonFiniteStep
 
 log = logging.getLogger("rtdmd.train")
 
@@ -62,47 +62,65 @@ def resolve(args) -> tuple[Config, RunFolder]:
         overrides.append(f"seed={args.seed}")
     if args.stage == "rtdmd" and args.init is None and args.resume is None:
         raise ConfigError("--stage rtdmd needs --init DIR (a run folder whose stage 1 finished)")
+    init_ckpt = None
     if args.init is not None:
         if args.stage != "rtdmd":
             raise ConfigError("--init DIR is for --stage rtdmd (stage 2 from DIR's finished stage 1)")
-        init = RunFolder.open(args.init, "--init")
-        if stage1_checkpoint(init) is None:
-            raise ConfigError(f"--init {args.init}: no stage-1 checkpoint in {init.checkpoints}")
+        init_ckpt = stage1_checkpoint(RunFolder.open(args.init, "--init"), f"--init {args.init}")
     if args.resume is not None:
         if args.preset or args.config or args.out or args.init:
             raise ConfigError("--resume DIR continues the run in DIR with its own config: "
                               "drop --preset/--config/--out/--init")
         run = RunFolder.open(args.resume)
-        cfg = run.load_config(overrides)
+        saved_cfg, cfg = run.load_config(), run.load_config(overrides)
+        changed = changed_keys(saved_cfg, cfg)
+        fixed = [k for k in changed if not resumable(k)]
+        if fixed:
+            raise ConfigError(f"--resume {run.path}: {', '.join(fixed)} cannot change in the middle of a run (they "
+                              "shape the models, the data or the random draws); start a new run for that")
         check_supported(cfg)
         env = join(cfg)
-        latest = latest_checkpoint(run.path)
-        if latest is not None:  # the per-rank sample split depends on the world size: resume on the same one
-            saved = json.loads((latest / "state.json").read_text()).get("world_size")
+        run = RunFolder(run.path, writer=env.main)
+        run.lock()
+        saved = newest_world_size(run)
+        if saved is not None:  # the per-rank sample split depends on the world size: resume on the same one
             with user_errors():
                 distributed.check_resume_world(saved, env, f"--resume {run.path}")
+        if changed and run.writer:
+            run.record_changes(saved_cfg, cfg, changed)
         args.stage = args.stage or run.summary().get("stage", "all")
-        return cfg, RunFolder(run.path, writer=env.main)
+        return cfg, run
     args.stage = args.stage or "all"
     cfg = load_config(preset=args.preset or "toy", config_file=args.config, overrides=overrides)
     check_supported(cfg)
     env = join(cfg)
     # rank 0 makes the folder (its default name has a timestamp) and tells the others, or its error
     made: tuple[str, str | None] = ("", None)
+    run = None
     if env.main:
         try:
             run = RunFolder.create(args.out, cfg)
-            if args.init is not None:  # the run gets its own copy of the stage-1 result: self-contained
-                src = stage1_checkpoint(RunFolder(args.init))
-                shutil.copytree(src, run.checkpoints / src.name)
+            if init_ckpt is not None:  # the run gets its own copy of the stage-1 result: self-contained
+                shutil.copytree(init_ckpt.path, run.checkpoints / init_ckpt.path.name)
             run.update_summary(preset=cfg.preset, stage=args.stage)
+            run.made_with = list_checkpoints(run.path)  # nothing trained yet: what a failure before work leaves
             made = (str(run.path), None)
         except ConfigError as e:
             made = ("", str(e))
     path, error = distributed.broadcast_object(env, made)
     if error is not None:
         raise ConfigError(error)
-    return cfg, RunFolder(path, writer=env.main)
+    return cfg, run if run is not None else RunFolder(path, writer=False)
+
+
+def newest_world_size(run: RunFolder) -> int | None:
+    """The world size the run's newest readable checkpoint was saved with (None: no checkpoint says)."""
+    for path in reversed(list_checkpoints(run.path)):
+        try:
+            return json.loads((path / "state.json").read_text(encoding="utf-8")).get("world_size")
+        except (OSError, ValueError, AttributeError):
+            continue  # a broken one is reported when it is loaded
+    return None
 
 
 def join(cfg: Config) -> distributed.DistEnv:
@@ -118,17 +136,19 @@ def check_supported(cfg: Config) -> None:
     if cfg.model.kind == "toy" and cfg.model.lora_rank > 0:
         raise ConfigError("config key 'model.lora_rank': the toy trains full parameters (set it to 0); "
                           "LoRA is for model.kind sd3 / flux2")
+    from .rewards import check_reward_specs
+
+    with user_errors():
+        check_reward_specs(cfg)
     if cfg.model.kind != "toy":
         from .data import load_prompts
         from .models.diffusion import check_model_paths
-        from .rewards import check_reward_specs
 
         with user_errors():
             check_model_paths(cfg.model, device)
             load_prompts(cfg.data.train_prompts, key="data.train_prompts")
             if cfg.data.eval_prompts:
                 load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
-            check_reward_specs(cfg)
 
 
 @contextlib.contextmanager
@@ -143,12 +163,18 @@ def user_errors():
         raise ConfigError(str(e).splitlines()[0]) from e
 
 
-def stage1_checkpoint(run: RunFolder) -> Path | None:
-    return latest_checkpoint(run.path, stage=1)
+def stage1_checkpoint(run: RunFolder, what: str = "stage 2") -> Checkpoint:
+    """The run's newest stage-1 checkpoint that verifies, loaded; a ConfigError when there is none."""
+    with user_errors():
+        c = load_latest(run.path, stage=1, modules=("generator_ema", "fake_score"), require=("step",))
+    if c is None:
+        raise ConfigError(f"{what} needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
+    return c
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    run = None
     try:
         cfg, run = resolve(args)
         env = distributed.current()
@@ -161,7 +187,22 @@ def main(argv=None) -> int:
             toy_main(cfg, run, device, args.stage)
         else:
             diffusion_main(cfg, run, device, args.stage)
+    except ConfigError:
+        if run is not None and run.writer and run.created and list_checkpoints(run.path) == run.made_with:
+            run.unlock()  # a user error before any work was saved: leave no half-made run folder behind
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+    except KeyboardInterrupt:
+        if run is None:
+            raise CLIExit(130, "before the run started; nothing was saved") from None
+        newest = latest_checkpoint(run.path)
+        saved = f"the newest checkpoint is {newest.name}" if newest else "no checkpoint was saved yet"
+        raise CLIExit(130, f"{saved}; continue with: python -m rtdmd.train --resume {run.path}") from None
+    except NonFiniteStep as e:
+        raise CLIExit(1, str(e)) from None
     finally:
+        if run is not None:
+            run.unlock()
         distributed.shutdown()
     return 0
 
@@ -215,7 +256,6 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
 def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> None:
     """A real backbone (SD3/SD3.5, FLUX.2-klein): the stages, then the generator exported as a diffusers LoRA
     after each (``<run>/lora/stage1``, ``<run>/lora/stage2``: stage 1 + stage 2 combined)."""
-    from . import checkpoint as ck
     from .data import load_prompts
     from .models.diffusion import export_lora, load_core
     from .rewards import build_rewards
@@ -235,10 +275,7 @@ def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str
             total = cfg.stage1.steps
             make_loop = functools.partial(ac_dmd.Stage1, state, teacher, prompts, cfg, device)
         else:
-            stage1 = stage1_checkpoint(run)
-            if stage1 is None:
-                raise ConfigError(f"stage 2 needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
-            s1_modules = ck.load_checkpoint(stage1).modules
+            s1_modules = stage1_checkpoint(run).modules
             state, teacher = rtdmd.init_lora_state(core, cfg, s1_modules)
             total = cfg.stage2.steps
             with user_errors():
@@ -264,10 +301,13 @@ def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: Run
     from . import checkpoint as ck
 
     distributed.current().prepare(state, cfg)  # wrap for ddp / fsdp before anything is loaded or trained
-    latest = ck.latest_checkpoint(run.path, stage=state.STAGE)
+    with user_errors():
+        latest = ck.load_latest(run.path, stage=state.STAGE, modules=state.MODULES, require=(state.COUNTER,),
+                                on_skip=lambda path, why: log.warning("not resuming from %s", why))
     if latest is not None:
         state.load(latest)
-        log.info("%s: resuming from %s", name, latest.name)
+        log.info("%s: resuming from %s", name, latest.path.name)
+    state.apply_optimizer_config(cfg)  # what the config says now, also over a loaded optimizer state
     state.trained_now = state.index < total or latest is None
     if state.trained_now:
         make_loop().run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress)
@@ -295,10 +335,7 @@ def run_stage(name: str, cfg: Config, run: RunFolder, device: torch.device, worl
         state, total = ac_dmd.init_state(base, cfg, build), cfg.stage1.steps
         make_loop = lambda: ac_dmd.Stage1(state, teacher, world.prompts(), cfg, device)  # noqa: E731
     else:
-        stage1 = stage1_checkpoint(run)
-        if stage1 is None:
-            raise ConfigError(f"stage 2 needs a finished stage 1: no stage-1 checkpoint in {run.checkpoints}")
-        state, total = rtdmd.init_state(stage1, cfg, build), cfg.stage2.steps
+        state, total = rtdmd.init_state(stage1_checkpoint(run), cfg, build), cfg.stage2.steps
         make_loop = lambda: rtdmd.Stage2(state, teacher, world.prompts(), build_rewards(cfg, world), cfg, device)  # noqa: E731
     run_or_resume(name, state, total, make_loop, cfg, run)
     return state

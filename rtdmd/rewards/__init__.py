@@ -9,6 +9,8 @@ __all__ = ["Reward", "RewardMixture", "WeightedReward", "LinearReward", "BinaryR
 
 #: image rewards known by name (``rewards.<name>.kind`` picks one under another name)
 IMAGE_REWARDS = ("clipscore", "pickscore", "hpsv2", "aesthetic")
+#: those whose score can be back-propagated into the generator
+DIFFERENTIABLE_IMAGE_REWARDS = ("clipscore", "pickscore", "hpsv2")
 
 
 def build_rewards(cfg, world=None, device=None) -> RewardMixture:
@@ -37,13 +39,25 @@ def build_rewards(cfg, world=None, device=None) -> RewardMixture:
 
 
 def check_reward_specs(cfg) -> None:
-    """Cheap checks of a real preset's rewards before anything is loaded: a known kind or a plug-in function,
-    and paths that exist."""
+    """Cheap checks of the rewards before anything is loaded or trained: toy presets know ``linear`` and
+    ``binary``; real presets need a known kind or a plug-in function, and paths that exist; ``backprop`` only on
+    a differentiable reward; at least one reward in use. A reward with weight 0 and no ``backprop`` is not used
+    (nor loaded), so it is not checked. A plug-in's module is imported here (it runs that module's code)."""
     from pathlib import Path
 
     from ..config import ConfigError
 
-    for name, rc in cfg.rewards.items():
+    used = {name: rc for name, rc in cfg.rewards.items() if rc.weight != 0 or rc.backprop}
+    if not used:
+        raise ConfigError("config key 'rewards': no reward with a weight or backprop=true")
+    for name, rc in used.items():
+        if cfg.model.kind == "toy":
+            if name not in TOY_REWARDS:
+                raise ConfigError(f"config key 'rewards.{name}': unknown toy reward (known: {', '.join(TOY_REWARDS)};"
+                                  f" remove it with --set rewards.{name}=null)")
+            if rc.backprop and not TOY_REWARDS[name].differentiable:
+                raise ConfigError(f"config key 'rewards.{name}.backprop': the {name} reward is not differentiable")
+            continue
         kind = rc.kind or name
         if rc.function is not None:
             from .plugin import resolve_function
@@ -55,6 +69,9 @@ def check_reward_specs(cfg) -> None:
         if rc.function is None and kind not in IMAGE_REWARDS:
             raise ConfigError(f"config key 'rewards.{name}': unknown reward kind {kind!r} (known: "
                               f"{', '.join(IMAGE_REWARDS)}; or set rewards.{name}.function=module:function)")
+        differentiable = rc.differentiable if rc.function is not None else kind in DIFFERENTIABLE_IMAGE_REWARDS
+        if rc.backprop and not differentiable:
+            raise ConfigError(f"config key 'rewards.{name}.backprop': the {kind} reward is not differentiable")
         if rc.function is None and not rc.path:
             raise ConfigError(f"config key 'rewards.{name}.path' must be set (a local folder of the {kind} model)")
         for key in ("path", "processor_path", "tokenizer_path", "clip_path"):

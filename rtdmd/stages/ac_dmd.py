@@ -28,6 +28,7 @@ from ..schedule import sigma_tensor
 from .common import (
     ModelEMA,
     StageState,
+    StepGuard,
     chain_round,
     draw_subinterval,
     encode_for,
@@ -35,7 +36,7 @@ from .common import (
     generator_ac_dmd_loss,
     log_record,
     make_adamw,
-    optimizer_step,
+    newest_checkpoint,
     show_progress,
     stage_sigmas,
     teacher_guidance,
@@ -67,6 +68,11 @@ class Stage1State(StageState):
 
     def extra_state(self) -> dict:
         return {"last_generator_stats": {k: float(v) for k, v in self.stats.items()}}
+
+    def optimizer_config(self, cfg) -> dict[str, dict]:
+        s1 = cfg.stage1
+        common = dict(betas=tuple(s1.adam_betas), eps=s1.adam_eps, weight_decay=s1.weight_decay)
+        return {"gen": {"lr": s1.generator_lr, **common}, "fake": {"lr": s1.fake_lr, **common}}
 
     def load_extra_state(self, state: dict) -> None:
         self.stats = {k: torch.tensor(v) for k, v in state.get("last_generator_stats", {}).items()}
@@ -126,6 +132,7 @@ class Stage1:
             self.fixed_conds = self._encode(self.prompts)
             self.cond, self.gen_cond = self.fixed_conds
         self.uncond = teacher.encode([""] * len(self.indices)) if self.guidance != 1.0 else None
+        self.guard = StepGuard("stage 1 (ac_dmd)", "step", cfg.nonfinite, device)
 
     def _encode(self, prompts):
         """(teacher/fake conditioning, generator conditioning): the same text encoders, so usually one call."""
@@ -163,7 +170,8 @@ class Stage1:
                                consistency=self.s1.consistency)
         loss, stats = fake_score_objective(self.s.fake, x_s, sigma_s, gen_cond, sub, self.s1, eta=self.eta)
         loss.backward()
-        stats["fake_grad_norm"] = optimizer_step(self.s.fake, self.s.fake_opt, self.s1.grad_clip)
+        stats["fake_grad_norm"] = self.guard.step(self.s.fake, self.s.fake_opt, self.s1.grad_clip, step, stats,
+                                                  "fake_grad_norm")
         return stats
 
     def generator_update(self, step: int) -> dict[str, torch.Tensor]:
@@ -177,7 +185,8 @@ class Stage1:
         loss, stats = generator_ac_dmd_loss(x_s, sigma_s, cond, self.uncond, self.teacher, self.s.fake, sub,
                                             guidance=self.guidance, eta=self.eta)
         loss.backward()  # teacher and fake ran under no_grad: only the generator gets gradient
-        stats["gen_grad_norm"] = optimizer_step(self.s.generator, self.s.gen_opt, self.s1.grad_clip)
+        stats["gen_grad_norm"] = self.guard.step(self.s.generator, self.s.gen_opt, self.s1.grad_clip, step, stats,
+                                                 "gen_grad_norm")
         return stats
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
@@ -203,9 +212,13 @@ class Stage1:
                 self.s.stats = {k: v for k, v in stats.items() if k.startswith(("gen", "dmd"))}
             self.s.step = step + 1
             self.s.seconds = time.perf_counter() - t0
-            if log_fn is not None and (step % interval == 0 or step + 1 == end):
-                record = log_record({**self.s.stats, **stats})
+            log_now = log_fn is not None and (step % interval == 0 or step + 1 == end)
+            save_now = run_dir is not None and (self.s.step % self.s1.checkpoint_every == 0 or self.s.step == end)
+            if log_now or save_now or step + 1 == end:  # where the loop syncs anyway
+                self.guard.check(newest_checkpoint(run_dir, 1))
+            if log_now:
+                record = log_record({**self.s.stats, **stats, **self.guard.stats()})
                 log_fn({"stage": "ac_dmd", "step": step, **record, "seconds": round(self.s.seconds, 2)})
-            if run_dir is not None and (self.s.step % self.s1.checkpoint_every == 0 or self.s.step == end):
+            if save_now:
                 self.s.save(run_dir, self.s1.keep_checkpoints)
         return self.s

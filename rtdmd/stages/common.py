@@ -169,16 +169,118 @@ def make_adamw(params, lr: float, cfg) -> torch.optim.AdamW:
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
-def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, clip: float) -> torch.Tensor:
-    """Average the gradients over ranks (``ddp``; FSDP did it in backward), clip the gradient norm (returned as a
-    tensor: no host sync), step, and clear the gradients."""
-    from ..distributed import current
+def newest_checkpoint(run_dir, stage: int) -> str | None:
+    """The name of the run's newest checkpoint of ``stage`` (for messages), or None."""
+    path = ck.latest_checkpoint(run_dir, stage=stage) if run_dir is not None else None
+    return path.name if path is not None else None
 
-    current().sync_grads(model)
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
+
+class NonFiniteStep(RuntimeError):
+    """A training step went non-finite under ``nonfinite: stop``; the message is one line for the CLI."""
+
+
+class StepGuard:
+    """Finite or nothing for one stage's optimizer steps (docs/training.md §3.4).
+
+    Before each step the gradients are averaged over ranks and clipped; the step's loss terms and gradient norm
+    are checked on the device (no host sync), and the verdict is agreed by all ranks. ``policy="skip"`` undoes a
+    non-finite step on the device (parameters and optimizer state restored from a copy taken before it) and
+    counts it; ``policy="stop"`` records the first non-finite step and which terms went non-finite, and
+    :meth:`check` — called where the loop syncs anyway (a log line, a checkpoint) — stops the run, before
+    anything non-finite can be saved."""
+
+    def __init__(self, stage: str, counter: str, policy: str, device: torch.device):
+        self.stage, self.counter, self.policy = stage, counter, policy
+        self.names: list[str] = []  # bit i of the masks below is names[i]
+        self._bit_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_terms = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _bits(self, names: tuple[str, ...]) -> torch.Tensor:
+        """The mask bit of each name, as a device tensor made once per set of names (a host-to-device copy every
+        step would wait for the device)."""
+        if names not in self._bit_cache:
+            self.names += [n for n in names if n not in self.names]
+            self._bit_cache[names] = torch.tensor([1 << self.names.index(n) for n in names], dtype=torch.int64,
+                                                  device=self.first_bad.device)
+        return self._bit_cache[names]
+
+    def step(self, model: nn.Module, opt: torch.optim.Optimizer, clip: float, index: int,
+             terms: dict[str, torch.Tensor], norm_name: str) -> torch.Tensor:
+        """Average the gradients over ranks (``ddp``; FSDP did it in backward), clip, check, step (or skip) and
+        clear the gradients; returns the gradient norm as a tensor."""
+        from ..distributed import _local, current
+
+        env = current()
+        env.sync_grads(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        checked = {**{k: v for k, v in terms.items() if torch.is_tensor(v)}, norm_name: norm}
+        flags = torch.stack([~torch.isfinite(_local(v).detach().float()).all() for v in checked.values()])
+        flags = env.any(flags)  # every rank takes the same decision
+        bad = flags.any()
+        mask = (flags.long() * self._bits(tuple(checked))).sum()
+        first = (self.first_bad < 0) & bad
+        self.first_bad = torch.where(first, index, self.first_bad)
+        self.bad_terms = torch.where(first, mask, self.bad_terms)
+        if self.policy == "skip":
+            _prepare_skip(opt)
+            before = [(p, _own(p).clone(), {k: _own(v).clone() for k, v in opt.state.get(p, {}).items()
+                                            if torch.is_tensor(v)}) for p in params]
+            opt.step()
+            with torch.no_grad():
+                for p, p_old, state_old in before:
+                    _undo_if(bad, p, p_old)
+                    for k, v in opt.state.get(p, {}).items():
+                        if torch.is_tensor(v):  # state made by this step undone to zeros: as if never taken
+                            _undo_if(bad, v, state_old.get(k))
+            self.skipped = self.skipped + bad.long()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        return {"skipped_steps": self.skipped.float()} if self.policy == "skip" else {}
+
+    def check(self, newest: str | None = None) -> None:
+        """Under ``stop``: raise :class:`NonFiniteStep` if any step went non-finite (one host sync)."""
+        if self.policy != "stop":
+            return
+        first = int(self.first_bad)
+        if first < 0:
+            return
+        mask = int(self.bad_terms)
+        bad = [n for i, n in enumerate(self.names) if mask >> i & 1]
+        losses = [n for n in bad if "grad_norm" not in n]
+        what = (f"{', '.join(losses)} not finite" if losses else
+                f"the gradient is not finite ({', '.join(bad)}) while its loss terms are finite")
+        raise NonFiniteStep(f"{self.stage} {self.counter} {first}: {what}; stopped, nothing of this step or later "
+                            f"was saved (newest checkpoint: {newest or 'none'}); set nonfinite=skip to skip such "
+                            "steps instead")
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """This rank's storage of ``t`` (the local shard of a DTensor): what an in-place undo writes to."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _undo_if(bad: torch.Tensor, t: torch.Tensor, old: torch.Tensor | None) -> None:
+    local = _own(t)
+    local.copy_(torch.where(bad.to(local.device), torch.zeros_like(local) if old is None else old, local))
+
+
+def _prepare_skip(opt: torch.optim.Optimizer) -> None:
+    """Adam keeps its step counter on the host unless ``capturable``; undoing a step on the device needs it on the
+    parameters' device, so CUDA parameters get ``capturable`` Adam (counter on the GPU, no host sync)."""
+    for group in opt.param_groups:
+        if "capturable" in group and not group["capturable"] and any(p.is_cuda for p in group["params"]):
+            group["capturable"] = True
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(p.device, torch.float32)
 
 
 class ModelEMA:
@@ -246,6 +348,7 @@ class StageState:
 
     STAGE: ClassVar[int] = 0
     COUNTER: ClassVar[str] = "step"
+    MODULES: ClassVar[tuple[str, ...]] = ("generator", "generator_ema", "fake_score")
 
     generator: Backbone
     fake: Backbone
@@ -258,6 +361,18 @@ class StageState:
 
     def extra_state(self) -> dict:
         return {}
+
+    def optimizer_config(self, cfg) -> dict[str, dict]:
+        """``{"gen": settings, "fake": settings}``: the optimizers' learning rate, betas, eps and weight decay
+        as the config gives them (per stage)."""
+        raise NotImplementedError
+
+    def apply_optimizer_config(self, cfg) -> None:
+        """Set the config's optimizer settings on both optimizers (a resumed state carries the old ones)."""
+        for opt, settings in ((self.gen_opt, self.optimizer_config(cfg)["gen"]),
+                              (self.fake_opt, self.optimizer_config(cfg)["fake"])):
+            for group in opt.param_groups:
+                group.update(settings)
 
     def load_extra_state(self, state: dict) -> None:
         pass
@@ -283,11 +398,11 @@ class StageState:
         env.barrier()
 
     def load(self, path) -> None:
-        """Load a checkpoint (full state) into this state's current placement; the same world size as it was
-        saved with."""
+        """Load a checkpoint (a path, or a :class:`~rtdmd.checkpoint.Checkpoint` already loaded) into this state's
+        current placement; the same world size as it was saved with."""
         from ..distributed import check_resume_world, current, like_current, load_optimizer_state
 
-        c = ck.load_checkpoint(path)
+        c = path if isinstance(path, ck.Checkpoint) else ck.load_checkpoint(path)
         check_resume_world(c.state.get("world_size"), current(), str(path))
         self.generator.load_state_dict(like_current(c.modules["generator"], self.generator.state_dict()))
         self.fake.load_state_dict(like_current(c.modules["fake_score"], self.fake.state_dict()))

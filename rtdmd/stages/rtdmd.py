@@ -36,12 +36,13 @@ from ..schedule import sigma_tensor
 from .common import (
     ModelEMA,
     StageState,
+    StepGuard,
     draw_subinterval,
     encode_for,
     fake_score_objective,
     generator_ac_dmd_loss,
     log_record,
-    optimizer_step,
+    newest_checkpoint,
     show_progress,
     stage_sigmas,
     teacher_guidance,
@@ -84,11 +85,17 @@ class Stage2State(StageState):
     def epoch(self, value: int) -> None:
         self.index = value
 
+    def optimizer_config(self, cfg) -> dict[str, dict]:
+        s2 = cfg.stage2
+        common = dict(betas=tuple(s2.adam_betas), eps=s2.adam_eps)
+        return {"gen": {"lr": s2.lr, "weight_decay": s2.weight_decay, **common},
+                "fake": {"lr": s2.fake_lr, "weight_decay": 0.0, **common}}
+
 
 def init_state(stage1_ckpt, cfg, build_copy: Callable[[], Backbone]) -> Stage2State:
     """Generator from stage 1's EMA weights, fake score from stage 1's fake score (docs/method.md §8; full parameters
-    for the toy; real backbones use :func:`init_lora_state`)."""
-    c = ck.load_checkpoint(stage1_ckpt)
+    for the toy; real backbones use :func:`init_lora_state`). ``stage1_ckpt``: a path or a loaded checkpoint."""
+    c = stage1_ckpt if isinstance(stage1_ckpt, ck.Checkpoint) else ck.load_checkpoint(stage1_ckpt)
     generator, fake = build_copy(), build_copy()
     generator.load_state_dict(c.modules["generator_ema"])
     fake.load_state_dict(c.modules["fake_score"])
@@ -153,6 +160,7 @@ class Stage2:
             raise ValueError(f"stage2.num_batches ({self.s2.num_batches}, over all processes) must be a multiple "
                              f"of the {self.env.world} processes")
         self.local_batches = self.s2.num_batches // self.env.world
+        self.guard = StepGuard("stage 2 (rtdmd)", "epoch", cfg.nonfinite, device)
 
     # ------------------------------------------------------------------ rollout
     def epoch_prompts(self, epoch: int) -> list[str]:
@@ -222,7 +230,8 @@ class Stage2:
             (loss * frac).backward()
             for k, v in stats.items():
                 total[k] = total.get(k, 0) + v * frac
-        total["fake_grad_norm"] = optimizer_step(self.s.fake, self.s.fake_opt, self.s2.grad_clip)
+        total["fake_grad_norm"] = self.guard.step(self.s.fake, self.s.fake_opt, self.s2.grad_clip, epoch, total,
+                                                  "fake_grad_norm")
         return total
 
     def advantages(self, data: EpochData) -> torch.Tensor:
@@ -311,7 +320,7 @@ class Stage2:
                 (loss / calls).backward()
             if s2.ema_per_sub_batch and b < n_sub - 1:  # method.md §13.2: after every sub-batch, params not yet stepped
                 self.s.ema.step(gen, epoch, s2.ema_interval)
-        sums["gen_grad_norm"] = optimizer_step(gen, self.s.gen_opt, s2.grad_clip)
+        sums["gen_grad_norm"] = self.guard.step(gen, self.s.gen_opt, s2.grad_clip, epoch, sums, "gen_grad_norm")
         # the reference's last call comes after the optimizer step, with the incremented global step
         self.s.ema.step(gen, epoch + 1 if s2.ema_per_sub_batch else epoch, s2.ema_interval)
         return sums
@@ -350,10 +359,13 @@ class Stage2:
             stats = self.epoch(epoch)
             self.s.epoch = epoch + 1
             self.s.seconds = time.perf_counter() - t0
-            if log_fn is not None and (epoch % max(1, self.cfg.log.interval // 10) == 0 or epoch + 1 == end):
-                log_fn({"stage": "rtdmd", "step": epoch, **log_record(stats),
+            log_now = log_fn is not None and (epoch % max(1, self.cfg.log.interval // 10) == 0 or epoch + 1 == end)
+            save_now = run_dir is not None and (self.s.epoch % self.s2.checkpoint_every == 0 or self.s.epoch == end)
+            self.guard.check(newest_checkpoint(run_dir, 2))  # every epoch syncs (the zero-advantage filter)
+            if log_now:
+                log_fn({"stage": "rtdmd", "step": epoch, **log_record({**stats, **self.guard.stats()}),
                         "seconds": round(self.s.seconds, 2)})
-            if run_dir is not None and (self.s.epoch % self.s2.checkpoint_every == 0 or self.s.epoch == end):
+            if save_now:
                 self.s.save(run_dir, self.s2.keep_checkpoints)
         return self.s
 
