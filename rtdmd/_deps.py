@@ -22,6 +22,7 @@ TRAINER_MODULES = {
     "tqdm": "tqdm",
     "matplotlib": "matplotlib",
     "PIL": "pillow",
+    "scipy": "scipy",
 }
 
 INSTALL_HINT = 'pip install "rtdmd[train]" (from a clone: pip install -e ".[train]")'

@@ -191,16 +191,20 @@ def rewards(dirs):
     return _all_rewards(dirs)
 
 
-@pytest.mark.parametrize("kind", ["clipscore", "pickscore", "hpsv2"])
-def test_gradient_reaches_images_not_weights(rewards, kind):
-    reward = rewards[kind]
-    x = _images(h=36, w=52, seed=4, grad=True)
-    r = reward(x.to(torch.bfloat16), PROMPTS)  # decoded images may come in bf16; scoring is float32
+def assert_gradient_reaches_images_not_weights(reward, x: torch.Tensor, prompts) -> None:
+    """A differentiable reward's gradient reaches the images (bf16 ones too: scoring is float32), never the
+    frozen weights; its advantage score carries none."""
+    r = reward(x.to(torch.bfloat16), prompts)
     assert r.dtype == torch.float32 and r.requires_grad
     (g,) = torch.autograd.grad(r.sum(), x)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     assert all(not p.requires_grad for p in reward.model.parameters())
-    assert not reward.advantage_score(x, PROMPTS).requires_grad
+    assert not reward.advantage_score(x, prompts).requires_grad
+
+
+@pytest.mark.parametrize("kind", ["clipscore", "pickscore", "hpsv2"])
+def test_gradient_reaches_images_not_weights(rewards, kind):
+    assert_gradient_reaches_images_not_weights(rewards[kind], _images(h=36, w=52, seed=4, grad=True), PROMPTS)
 
 
 SQUARE = (IMAGE_SIZE, IMAGE_SIZE)

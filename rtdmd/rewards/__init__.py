@@ -2,25 +2,28 @@
 and weighted mixtures."""
 
 from .base import Reward, RewardMixture, WeightedReward
+from .image import IMAGE_REWARD_KINDS
 from .toy import TOY_REWARDS, BinaryReward, LinearReward
 
 __all__ = ["Reward", "RewardMixture", "WeightedReward", "LinearReward", "BinaryReward", "TOY_REWARDS", "build_rewards",
            "check_reward_specs"]
 
 #: image rewards known by name (``rewards.<name>.kind`` picks one under another name)
-IMAGE_REWARDS = ("clipscore", "pickscore", "hpsv2", "aesthetic")
+IMAGE_REWARDS = IMAGE_REWARD_KINDS
 #: those whose score can be back-propagated into the generator
-DIFFERENTIABLE_IMAGE_REWARDS = ("clipscore", "pickscore", "hpsv2")
+DIFFERENTIABLE_IMAGE_REWARDS = ("clipscore", "pickscore", "hpsv2", "imagereward")
 
 
-def build_rewards(cfg, world=None, device=None) -> RewardMixture:
+def build_rewards(cfg, world=None, device=None, *, include_unused: bool = False) -> RewardMixture:
     """The config's ``rewards`` section as a mixture: toy presets know ``linear`` and ``binary``; real presets
-    load image rewards from local folders or plug-in functions (:func:`rtdmd.rewards.image.build_image_reward`)."""
+    load image rewards from local folders or plug-in functions (:func:`rtdmd.rewards.image.build_image_reward`).
+    A real reward with weight 0 and no ``backprop`` is not loaded for training; ``include_unused`` loads it too
+    (evaluation-only rewards)."""
     from ..config import ConfigError, config_to_dict
 
     out = {}
     for name, rc in cfg.rewards.items():
-        if rc.weight == 0 and not rc.backprop and cfg.model.kind != "toy":
+        if rc.weight == 0 and not rc.backprop and cfg.model.kind != "toy" and not include_unused:
             continue  # a real reward model with weight 0 would be loaded for nothing
         if cfg.model.kind == "toy":
             if name not in TOY_REWARDS:
@@ -74,6 +77,9 @@ def check_reward_specs(cfg) -> None:
             raise ConfigError(f"config key 'rewards.{name}.backprop': the {kind} reward is not differentiable")
         if rc.function is None and not rc.path:
             raise ConfigError(f"config key 'rewards.{name}.path' must be set (a local folder of the {kind} model)")
+        if rc.function is None and kind == "geneval" and not rc.clip_path:
+            raise ConfigError(f"config key 'rewards.{name}.clip_path' must be set (a local CLIP ViT-L/14 folder: "
+                              "the geneval colour classifier)")
         for key in ("path", "processor_path", "tokenizer_path", "clip_path"):
             value = getattr(rc, key)
             if value and not Path(value).expanduser().exists():

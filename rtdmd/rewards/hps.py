@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .image import unused_keys_message
+
 __all__ = ["convert_open_clip_state_dict", "infer_clip_config", "load_open_clip_checkpoint", "read_state_dict"]
 
 # open_clip's vision head width per ViT width (ViT-H-14: 80, ViT-g-14: 88, ViT-bigG-14: 104; 64 otherwise);
@@ -201,10 +203,8 @@ def convert_open_clip_state_dict(sd: Mapping[str, torch.Tensor], config=None):
     for key in (k for k in ("attn_mask", "text.attn_mask") if k in sd):
         _check_causal_mask(sd[key], key)
         used.add(key)
-    unused = sorted(set(sd) - used)
-    if unused:
-        more = f" (+{len(unused) - 5} more)" if len(unused) > 5 else ""
-        raise ValueError(f"open_clip state dict: keys the conversion does not use: {', '.join(unused[:5])}{more}")
+    if (unused := unused_keys_message(sd, used)) is not None:
+        raise ValueError(f"open_clip state dict: {unused}")
     _check_against_config(out, config)
     return config, out
 

@@ -36,7 +36,10 @@ __all__ = [
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_SCALE = 26.0  # PickScore's reward is exp(logit_scale)·cos / 26 (docs/method.md §7)
-IMAGE_REWARD_KINDS = ("clipscore", "pickscore", "hpsv2", "aesthetic")
+IMAGE_REWARD_KINDS = ("clipscore", "pickscore", "hpsv2", "aesthetic", "geneval", "imagereward")
+#: the kinds built in modules of their own: kind -> (module, builder)
+_OWN_MODULE_KINDS = {"geneval": ("geneval", "build_geneval_reward"),
+                     "imagereward": ("imagereward", "build_imagereward")}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -397,6 +400,15 @@ _PLUGIN_KEYS = {"function", "differentiable"}
 _MIXTURE_KEYS = {"kind", "weight", "backprop"}  # weight/backprop belong to the mixture; accepted and ignored here
 
 
+def unused_keys_message(state: Mapping[str, Any], used: set[str]) -> str | None:
+    """What a checkpoint converter says about keys it did not map (the first five), or None when it used all."""
+    unused = sorted(set(state) - used)
+    if not unused:
+        return None
+    more = f" (+{len(unused) - 5} more)" if len(unused) > 5 else ""
+    return f"keys the conversion does not use: {', '.join(unused[:5])}{more}"
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -493,6 +505,11 @@ def build_image_reward(name: str, spec: Mapping[str, Any], device: torch.device 
         return PluginReward(name, s["function"], differentiable=diff, key=f"rewards.{name}.function")
 
     kind = s.get("kind", name)
+    if kind in _OWN_MODULE_KINDS:
+        import importlib
+
+        module, builder = _OWN_MODULE_KINDS[kind]
+        return getattr(importlib.import_module(f".{module}", __package__), builder)(name, s, device=device)
     if kind not in _KIND_KEYS:
         where = f"rewards.{name}.kind" if "kind" in s else f"rewards.{name}"
         raise ValueError(f"{where}: unknown image reward kind {kind!r} (known: {', '.join(IMAGE_REWARD_KINDS)}; "
