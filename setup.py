@@ -34,9 +34,10 @@ setup(
             "tqdm",
             "matplotlib",
             "pillow",
+            "scipy",  # Mask2Former (the geneval reward) builds its training loss with scipy
         ],
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "psutil", "ruff"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "psutil", "ruff", "tensorboard"],  # tensorboard: log.tensorboard
         "xformers": ["xformers"],
     },
     classifiers=[

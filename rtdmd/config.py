@@ -82,7 +82,7 @@ def _check_steps(v: list[int]) -> str | None:
 class ModelConfig:
     """The backbone: the toy network, or a real one (SD3 / SD3.5, FLUX.2-klein) from local diffusers folders."""
 
-    kind: Literal["toy", "sd3", "flux2"] = "toy"  # toy world, StableDiffusion3Pipeline or Flux2KleinPipeline folder
+    kind: Literal["toy", "sd3", "flux1", "flux2"] = "toy"  # toy, or a StableDiffusion3 / Flux / Flux2Klein folder
     path: str | None = None  # real backbones: the local diffusers folder of the base (teacher and fake score)
     num_layers: int = field(default=2, metadata=_rng(1))  # toy network: transformer layers
     num_heads: int = field(default=2, metadata=_rng(1))  # toy network: attention heads
@@ -97,7 +97,7 @@ class ModelConfig:
     resolution: int = field(default=512, metadata=_rng(16))  # training images are resolution x resolution px
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers: optional, CUDA only
     max_sequence_length: int = field(default=0, metadata=_rng(0))  # text tokens; 0 = the reference's (128 / 512)
-    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # teacher CFG against "" (4.5 SD3.5, 4.0 FLUX.2)
+    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # teacher CFG vs "" (FLUX.1: its guidance input)
     gradient_checkpointing: bool = True  # the generator's transformer blocks (the reference: on)
 
 
@@ -140,10 +140,10 @@ class RewardConfig:
     weight: float = 1.0  # weight in the group advantages (method.md §5.3)
     backprop: bool = False  # also back-propagated at the final step(s) (method.md §7)
     path: str | None = None  # local folder or file of the reward model (image rewards)
-    kind: str | None = None  # clipscore | pickscore | hpsv2 | aesthetic; null = the entry's name
-    processor_path: str | None = None  # PickScore: the image processor's folder (null = path)
-    tokenizer_path: str | None = None  # HPSv2.1: a CLIP tokenizer folder
-    clip_path: str | None = None  # aesthetic: the CLIP ViT-L/14 folder under the predictor head (path)
+    kind: str | None = None  # clipscore|pickscore|hpsv2|aesthetic|geneval|imagereward; null = the entry's name
+    processor_path: str | None = None  # PickScore: its image processor's folder; geneval: Mask2Former's (null = path)
+    tokenizer_path: str | None = None  # HPSv2.1: a CLIP tokenizer folder; ImageReward: a bert-base-uncased one
+    clip_path: str | None = None  # aesthetic: the CLIP ViT-L/14 under the predictor; geneval: its colour classifier
     function: str | None = None  # plug-in scorer "module:function" (GenEval detectors, VLM judges)
     differentiable: bool = False  # plug-ins only: whether the function's score may be back-propagated
 
@@ -207,6 +207,7 @@ class Stage2Config:
     grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))  # gradient-norm clip of both steps
     fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))  # AdamW learning rate of the fake score
     fake_batch_size: int = field(default=8, metadata=_rng(1))  # chunks of the one fake step per epoch
+    consistency: bool = True  # the fake score's consistency term in stage 2 (its weight and ε are stage1's)
     ppo_steps: int = field(default=2, metadata=_rng(0))  # SubGRPO: PPO steps drawn per epoch ...
     ppo_step_range: list[int] = field(default_factory=lambda: [0, 2], metadata={"check": _check_range})  # ... here
     ppo_weight: float = field(default=1.0, metadata=_rng(0))  # weight of the PPO loss
@@ -227,13 +228,15 @@ class Stage2Config:
     sample_batch_size: int = field(default=0, metadata=_rng(0))  # rollout chunk (the reference: 9); 0 = all at once
     checkpoint_every: int = field(default=50, metadata=_rng(1))  # epochs between checkpoints
     keep_checkpoints: int = field(default=2, metadata=_rng(1))  # newest stage-2 checkpoints kept
+    eval_every: int = field(default=0, metadata=_rng(0))  # real models: evaluate every N epochs (0 = off)
 
 
 @dataclass
 class EvalConfig:
-    """Evaluation sampling."""
+    """Evaluation sampling (docs/training.md §7)."""
 
     batch_size: int = field(default=4096, metadata=_rng(1))  # samples generated per forward
+    num_images: int = field(default=64, metadata=_rng(1))  # real models: images per evaluation (the reference: 64)
 
 
 @dataclass
@@ -242,6 +245,8 @@ class LogConfig:
 
     interval: int = field(default=50, metadata=_rng(1))  # steps between metrics.jsonl lines
     progress: bool = True  # tqdm progress bars
+    tensorboard: bool = False  # also write every metrics line as TensorBoard scalars to <run>/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs wandb installed and logged in)
 
 
 @dataclass
@@ -495,6 +500,7 @@ RESUMABLE = {
     "stage2.steps", "stage2.lr", "stage2.fake_lr", "stage2.adam_betas", "stage2.adam_eps", "stage2.weight_decay",
     "stage2.grad_clip", "stage2.checkpoint_every", "stage2.keep_checkpoints", "stage2.fake_gradient_checkpointing",
     "stage2.vae_checkpointing", "stage2.bp_batch_size", "stage2.decode_batch_size", "stage2.sample_batch_size",
+    "stage2.eval_every",
     "model.attention", "model.gradient_checkpointing",
 }
 

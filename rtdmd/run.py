@@ -47,6 +47,7 @@ class RunFolder:
         self.path = Path(path)
         self.writer = writer
         self.created = False  # made by this process (create): removed again if the run fails before any work
+        self._sinks: list = []  # TensorBoard / W&B beside metrics.jsonl (open_sinks)
         self.made_with: list[Path] = []  # the checkpoints it was made with (a copied stage 1)
         self._lock_fd: int | None = None
 
@@ -172,6 +173,36 @@ class RunFolder:
             return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_json_safe(record)) + "\n")
+        scalars = {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)
+                   and k != "step" and math.isfinite(float(v))}
+        prefix = f"{record['stage']}/" + (f"{record['row']}/" if "row" in record else "")
+        for sink in self._sinks:
+            sink({prefix + k: v for k, v in scalars.items()}, int(record["step"]))
+
+    def open_sinks(self, cfg: Config) -> None:
+        """``log.tensorboard``: TensorBoard scalars in ``<run>/tensorboard``; ``log.wandb``: a Weights & Biases run
+        named after the folder. Every metrics line goes to them as ``stage/key`` at its step (rank 0 only)."""
+        if not self.writer:
+            return
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(self.path / "tensorboard"))
+
+            def to_tensorboard(values: dict[str, float], step: int) -> None:
+                for k, v in values.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+
+            self._sinks.append(to_tensorboard)
+        if cfg.log.wandb:
+            import wandb
+
+            from .config import config_to_dict
+
+            wb = wandb.init(project="rtdmd", name=self.path.name, id=self.path.name, resume="allow",
+                            dir=str(self.path), config=config_to_dict(cfg))
+            self._sinks.append(lambda values, step: wb.log(values, step=step))
 
     def metrics(self) -> list[dict[str, Any]]:
         p = self.path / "metrics.jsonl"

@@ -19,17 +19,21 @@ steps, so the schedule is right whatever ``num_inference_steps`` the caller pass
 follows another rule (FLUX.1, SD3 configs with dynamic shifting) use ``mu_rule="given"``;
 :meth:`CPSScheduler.for_pipeline` picks the rule from the pipeline class.
 
-Noise (the pipelines pass no generator to ``step``): :meth:`CPSScheduler.set_noise` selects the source of the
-CPS noise ξ — the trainer's per-sample RNG contract (``seed``: step ``j`` draws exactly what
-:func:`rtdmd.sampler.draw_noises` draws for the same samples), a ``torch.Generator``, explicit ``noises [K, ...]``,
-or (the default) the global torch RNG. Arithmetic is float32 inside ``rk.cps_step``; the new latents keep the
-latents' dtype (bf16 in the reference's inference, method.md §2.4, §13.4; the reference casts to the velocity's dtype,
-which is the same dtype in both stock pipelines).
+Noise (the pipelines pass no generator to ``step``): by default the CPS noise ξ of a run is drawn from a generator
+seeded by the run's initial latents, so the pipeline's own ``generator=`` (which draws those latents) makes the
+whole sampling reproducible. :meth:`CPSScheduler.set_noise` selects another source — the trainer's per-sample RNG
+contract (``seed``: step ``j`` draws exactly what :func:`rtdmd.sampler.draw_noises` draws for the same samples), a
+``torch.Generator``, explicit ``noises [K, ...]``, or the global torch RNG (``global_rng=True``). Arithmetic is
+float32 inside ``rk.cps_step``; the new latents keep the latents' dtype (bf16 in the reference's inference,
+method.md §2.4, §13.4; the reference casts to the velocity's dtype, which is the same dtype in both stock
+pipelines).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,15 +69,20 @@ class CPSSchedulerOutput(BaseOutput):
 
 
 def _pack_like(noise: torch.Tensor, sample: torch.Tensor, name: str) -> torch.Tensor:
-    """``noise`` in ``sample``'s layout: as is, or packed ``[B, C, H, W] -> [B, H·W, C]`` (FLUX.2's token layout)."""
+    """``noise`` in ``sample``'s layout: as is, or packed ``[B, C, H, W] -> [B, H·W, C]`` (FLUX.2's tokens) or
+    ``-> [B, (H/2)·(W/2), 4·C]`` (FLUX.1's 2×2 patches)."""
     if noise.shape == sample.shape:
         return noise
     if noise.ndim == 4 and sample.ndim == 3:
         b, c, h, w = noise.shape
         if sample.shape == (b, h * w, c):
             return noise.flatten(2).transpose(1, 2)
+        if h % 2 == 0 and w % 2 == 0 and sample.shape == (b, (h // 2) * (w // 2), 4 * c):
+            from .models.diffusion import pack_2x2
+
+            return pack_2x2(noise)
     raise ValueError(f"{name} has shape {tuple(noise.shape)}, which is neither the latents' shape "
-                     f"{tuple(sample.shape)} nor their [B, C, H, W] layout before FLUX.2's token packing")
+                     f"{tuple(sample.shape)} nor their [B, C, H, W] layout before FLUX's token packing")
 
 
 class CPSScheduler(SchedulerMixin, ConfigMixin):
@@ -95,7 +104,7 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
     progress bar uses it): pass ``num_inference_steps=K`` for a tidy bar; the loop runs the ``K`` steps anyway.
     """
 
-    _compatibles: list[str] = []
+    _compatibles = ["FlowMatchEulerDiscreteScheduler"]  # takes its config (and gives it back)
     order = 1
     init_noise_sigma = 1.0
 
@@ -148,9 +157,12 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         self._sigma_values: list[float] = []
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._noise: dict[str, Any] = {"mode": "global"}
+        self._noise: dict[str, Any] = {"mode": "latents"}
+        self._shift = float(shift)
+        self.sigma_min: float | None = None
+        self.sigma_max: float | None = None
         if not use_dynamic_shifting:  # the static schedule is known now; the dynamic one waits for mu
-            self._set_schedule(sigmas_for(steps, shift=shift, shift_terminal=shift_terminal), None)
+            self._set_schedule(sigmas_for(steps, shift=self._shift, shift_terminal=shift_terminal), None)
 
     # ------------------------------------------------------------------ construction
 
@@ -188,11 +200,29 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"begin_index must lie in [0, {len(self.config.denoising_steps)}), got {begin_index}")
         self._begin_index = int(begin_index)
 
+    @property
+    def shift(self) -> float:
+        """The static shift of the schedule (FlowMatchEulerDiscreteScheduler's ``shift``)."""
+        return self._shift
+
+    def set_shift(self, shift: float) -> None:
+        """Change the static shift (as FlowMatchEulerDiscreteScheduler's ``set_shift``); the next
+        :meth:`set_timesteps` uses it (it is ignored under ``use_dynamic_shifting``, as there)."""
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self._shift = float(shift)
+
+    def time_shift(self, mu: float, sigma: float, t: torch.Tensor) -> torch.Tensor:
+        """The exponential time shift ``e^mu / (e^mu + (1/t - 1)^sigma)`` (FlowMatchEulerDiscreteScheduler's; the
+        distilled schedule uses it with ``sigma = 1``)."""
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
     def _set_schedule(self, values: list[float], device: torch.device | str | None) -> None:
         self._sigma_values = values
         self.sigmas = torch.tensor(values, dtype=torch.float32)  # on the CPU, as diffusers keeps them
         self.timesteps = (torch.tensor(values[:-1], dtype=torch.float64) * NUM_TRAIN_TIMESTEPS).to(
             dtype=torch.float32, device=device)
+        self.sigma_min, self.sigma_max = float(self.sigmas[-1]), float(self.sigmas[0])
         self._step_index = None
         self._begin_index = None
 
@@ -236,8 +266,8 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"num_inference_steps must be >= 1, got {pipeline_steps}")
         steps = list(self.config.denoising_steps)
         if pipeline_steps is not None and pipeline_steps != len(steps):
-            logger.debug("CPSScheduler runs its %d distilled steps; the pipeline asked for %d", len(steps),
-                         pipeline_steps)
+            logger.warning("CPSScheduler runs its %d distilled steps (denoising_steps=%s); the pipeline asked for %d: "
+                           "pass num_inference_steps=%d", len(steps), steps, pipeline_steps, len(steps))
         if self.config.use_dynamic_shifting:
             if image_seq_len is not None:
                 self.image_seq_len = int(image_seq_len)
@@ -249,7 +279,7 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
             values = sigmas_for(steps, mu=used_mu, shift_terminal=self.config.shift_terminal)
             self.mu = used_mu
         else:
-            values = sigmas_for(steps, shift=self.config.shift, shift_terminal=self.config.shift_terminal)
+            values = sigmas_for(steps, shift=self._shift, shift_terminal=self.config.shift_terminal)
             self.mu = None
         self.num_inference_steps = len(steps)
         self._set_schedule(values, device)
@@ -279,9 +309,10 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
 
     def set_noise(self, *, seed: int | None = None, stream: str = "eval", step: int = 0, first_index: int = 0,
                   latent_shape: Sequence[int] | None = None, generator: torch.Generator | None = None,
-                  noises: torch.Tensor | None = None) -> None:
-        """Choose where the CPS noise ξ of each step comes from (at most one of ``seed``, ``generator``, ``noises``;
-        none restores the default, the global torch RNG).
+                  noises: torch.Tensor | None = None, global_rng: bool = False) -> None:
+        """Choose where the CPS noise ξ of each step comes from (at most one of ``seed``, ``generator``, ``noises``,
+        ``global_rng``; none restores the default: a generator seeded by each run's initial latents, so that the
+        pipeline's ``generator=`` makes the run reproducible).
 
         * ``seed``: the trainer's RNG contract (:mod:`rtdmd.rng`, :func:`rtdmd.sampler.draw_noises`): step ``j``
           gives sample ``b`` of the batch the draw of stream ``{stream}/xi{j}``, ``step``, global index
@@ -293,9 +324,10 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         * ``generator``: ``torch.randn`` of the latents' shape from it (float32, on its device), one draw per step.
         * ``noises``: ``[K, B, ...]``, step ``j`` uses ``noises[j]`` (in the latents' shape or their
           ``[B, C, H, W]`` layout before FLUX.2's packing).
+        * ``global_rng``: ``torch.randn`` from the global torch RNG.
         """
-        chosen = [name for name, value in (("seed", seed), ("generator", generator), ("noises", noises))
-                  if value is not None]
+        chosen = [name for name, value in (("seed", seed), ("generator", generator), ("noises", noises),
+                                           ("global_rng", global_rng or None)) if value is not None]
         if len(chosen) > 1:
             raise ValueError(f"pass at most one of seed, generator and noises, got {chosen}")
         if latent_shape is not None and seed is None:
@@ -324,8 +356,10 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
                 shape = tuple(noises.shape) if isinstance(noises, torch.Tensor) else type(noises).__name__
                 raise ValueError(f"noises must be a tensor [K={k}, B, ...], got {shape}")
             self._noise = {"mode": "noises", "noises": noises}
-        else:
+        elif global_rng:
             self._noise = {"mode": "global"}
+        else:
+            self._noise = {"mode": "latents"}
 
     @property
     def noise_index(self) -> int | None:
@@ -363,6 +397,11 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
             return _pack_like(noise, sample, "the seeded noise (latent_shape)")
         if mode == "noises":
             return _pack_like(self._noise["noises"][j], sample, f"noises[{j}]").to(sample.device)
+        if mode == "latents":
+            if j == (self._begin_index or 0) or "generator" not in self._noise:  # a run's first step: its x_T
+                digest = hashlib.sha256(sample.detach().float().cpu().numpy().tobytes()).digest()
+                self._noise["generator"] = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            return torch.randn(sample.shape, generator=self._noise["generator"], dtype=torch.float32).to(sample.device)
         return torch.randn(sample.shape, dtype=torch.float32, device=sample.device)
 
     # ------------------------------------------------------------------ sampling

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import shutil
@@ -78,7 +79,8 @@ def resolve(args) -> tuple[Config, RunFolder]:
         if fixed:
             raise ConfigError(f"--resume {run.path}: {', '.join(fixed)} cannot change in the middle of a run (they "
                               "shape the models, the data or the random draws); start a new run for that")
-        check_supported(cfg)
+        args.stage = args.stage or run.summary().get("stage", "all")
+        check_supported(cfg, args.stage)
         env = join(cfg)
         run = RunFolder(run.path, writer=env.main)
         run.lock()
@@ -88,11 +90,10 @@ def resolve(args) -> tuple[Config, RunFolder]:
                 distributed.check_resume_world(saved, env, f"--resume {run.path}")
         if changed and run.writer:
             run.record_changes(saved_cfg, cfg, changed)
-        args.stage = args.stage or run.summary().get("stage", "all")
         return cfg, run
     args.stage = args.stage or "all"
     cfg = load_config(preset=args.preset or "toy", config_file=args.config, overrides=overrides)
-    check_supported(cfg)
+    check_supported(cfg, args.stage)
     env = join(cfg)
     # rank 0 makes the folder (its default name has a timestamp) and tells the others, or its error
     made: tuple[str, str | None] = ("", None)
@@ -129,17 +130,21 @@ def join(cfg: Config) -> distributed.DistEnv:
         return distributed.init(cfg.distributed.strategy, resolve_device(cfg.device))
 
 
-def check_supported(cfg: Config) -> None:
-    """What this release cannot run (and a device, model folder or prompt file that is not there) fails before a
-    run folder is made."""
+def check_supported(cfg: Config, stage: str) -> None:
+    """What this release cannot run (and a device, model folder, prompt file or reward that is not there) fails
+    before a run folder is made. Stage 1 uses no reward: ``--stage ac_dmd`` does not check them."""
     device = resolve_device(cfg.device)
     if cfg.model.kind == "toy" and cfg.model.lora_rank > 0:
         raise ConfigError("config key 'model.lora_rank': the toy trains full parameters (set it to 0); "
                           "LoRA is for model.kind sd3 / flux2")
-    from .rewards import check_reward_specs
+    for key, package in (("log.tensorboard", "tensorboard"), ("log.wandb", "wandb")):
+        if getattr(cfg.log, key.split(".")[1]) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"config key '{key}' needs the {package} package (pip install {package})")
+    if stage != "ac_dmd":
+        from .rewards import check_reward_specs
 
-    with user_errors():
-        check_reward_specs(cfg)
+        with user_errors():
+            check_reward_specs(cfg)
     if cfg.model.kind != "toy":
         from .data import load_prompts
         from .models.diffusion import check_model_paths
@@ -183,6 +188,7 @@ def main(argv=None) -> int:
             logging.getLogger("rtdmd").setLevel(logging.WARNING)  # rank 0 speaks for the run
         log.info("run folder: %s (device %s%s)", run.path, device,
                  f", {env.world} processes, {env.strategy}" if env.active else "")
+        run.open_sinks(cfg)
         if cfg.model.kind == "toy":
             toy_main(cfg, run, device, args.stage)
         else:
@@ -281,7 +287,8 @@ def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str
             with user_errors():
                 rewards = build_rewards(cfg, device=device)
             make_loop = functools.partial(rtdmd.Stage2, state, teacher, prompts, rewards, cfg, device)
-        run_or_resume(name, state, total, make_loop, cfg, run)
+        run_or_resume(name, state, total, make_loop, cfg, run,
+                      evaluate=stage2_evaluator(cfg, run, rewards) if name == "rtdmd" else None)
         ema = distributed.full_state(state.ema.state_dict())  # a collective under fsdp
         loras = [ema] if name == "ac_dmd" else [s1_modules["generator_ema"], ema]
         out = run.path / "lora" / ("stage1" if name == "ac_dmd" else "stage2")
@@ -295,7 +302,31 @@ def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str
         print(f"run folder: {run.path}")
 
 
-def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: RunFolder) -> None:
+def stage2_evaluator(cfg: Config, run: RunFolder, rewards):
+    """The periodic evaluation of a real stage 2 (``stage2.eval_every``): ``eval.num_images`` images of
+    ``data.eval_prompts`` from the EMA generator, their reward table in metrics.jsonl (stage ``eval``) and a grid
+    ``eval/stage2-epoch-N.png``; None when there is nothing to evaluate on."""
+    if not cfg.stage2.eval_every or not cfg.data.eval_prompts:
+        return None
+    from .data import load_prompts
+    from .evaluate.images import evaluate_rows, image_grid
+
+    with user_errors():
+        prompts = load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
+    prompts = [prompts[i % len(prompts)] for i in range(cfg.eval.num_images)]
+
+    def evaluate(epoch: int, generator) -> None:
+        rows, images = evaluate_rows({"rtdmd": generator}, rewards, prompts, steps=cfg.schedule.denoising_steps,
+                                     shift=cfg.schedule.shift, eta=cfg.schedule.eta, seed=cfg.seed,
+                                     batch_size=cfg.eval.batch_size, decode_chunk=cfg.stage2.decode_batch_size)
+        run.log({"stage": "eval", "step": epoch, "row": "rtdmd", **rows["rtdmd"]})
+        if run.writer:
+            image_grid(images, run.path / "eval" / f"stage2-epoch-{epoch}.png")
+
+    return evaluate
+
+
+def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: RunFolder, evaluate=None) -> None:
     """Continue ``state`` from the run's newest checkpoint of its stage, train what is left, and keep a checkpoint
     of an untrained (0-step) stage so that the next stage can start from it."""
     from . import checkpoint as ck
@@ -310,7 +341,8 @@ def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: Run
     state.apply_optimizer_config(cfg)  # what the config says now, also over a loaded optimizer state
     state.trained_now = state.index < total or latest is None
     if state.trained_now:
-        make_loop().run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress)
+        extra = {"evaluate": evaluate} if evaluate is not None else {}
+        make_loop().run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress, **extra)
         if total == 0:
             state.save(run.path, cfg.stage1.keep_checkpoints if state.STAGE == 1 else cfg.stage2.keep_checkpoints)
 

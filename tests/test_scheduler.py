@@ -263,17 +263,55 @@ def test_generator_and_global_noise():
     expect, _ = rk.cps_step(x, v, 1.0, 0.9, eta=0.9, noise=torch.randn(x.shape, generator=torch.Generator()
                                                                        .manual_seed(7)))
     assert torch.equal(results[0], expect)
-    # a per-call generator wins; without any, the global RNG (seeded by torch.manual_seed) is used
+    # a per-call generator wins; global_rng=True follows torch.manual_seed
     sched.set_timesteps(4)
     per_call = sched.step(v, 1000.0, x, generator=torch.Generator().manual_seed(7), return_dict=False)[0]
     assert torch.equal(per_call, expect)
     glob = []
     for _ in range(2):
-        sched.set_noise()
+        sched.set_noise(global_rng=True)
         sched.set_timesteps(4)
         torch.manual_seed(5)
         glob.append(sched.step(v, 1000.0, x, return_dict=False)[0])
     assert torch.equal(*glob) and not torch.equal(glob[0], expect)
+
+
+def test_default_noise_follows_the_initial_latents():
+    """The stock pipelines pass their ``generator=`` to the initial latents only: by default the CPS noise of a run
+    is seeded by those latents, so the same generator gives the same images, whatever the global RNG does."""
+    v = torch.randn(2, 3, 4)
+
+    def run(x, global_seed):
+        sched = CPSScheduler()
+        sched.set_timesteps(4)
+        torch.manual_seed(global_seed)
+        return run_pipeline_loop(sched, x, sched.timesteps)
+
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run(x, 1), run(x.clone(), 2))
+    assert not torch.equal(run(x, 1), run(x + 1e-3, 1))
+    sched = CPSScheduler()
+    sched.set_timesteps(4)
+    first = sched.step(v, 1000.0, x, return_dict=False)[0]
+    sched.set_timesteps(4)  # a new run re-seeds from its own first latents
+    assert torch.equal(sched.step(v, 1000.0, x, return_dict=False)[0], first)
+
+
+def test_flow_match_euler_attributes_and_a_step_count_it_cannot_honour(caplog):
+    sched = CPSScheduler()
+    stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    stock.set_timesteps(4)
+    assert sched.shift == stock.shift == 3.0 and sched.sigma_max == 1.0 and sched.sigma_min == 0.0
+    sched.set_shift(1.0)
+    sched.set_timesteps(4)
+    assert sched.shift == 1.0 and sched.sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    t = torch.tensor([0.25, 0.5, 0.9])
+    torch.testing.assert_close(sched.time_shift(2.0, 1.0, t), stock.time_shift(2.0, 1.0, t))
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        sched.set_shift(0.0)
+    with caplog.at_level("WARNING", logger="rtdmd.scheduler"):
+        sched.set_timesteps(2)
+    assert "runs its 4 distilled steps" in caplog.text and "pass num_inference_steps=4" in caplog.text
 
 
 def test_scale_noise_and_timestep_lookup():

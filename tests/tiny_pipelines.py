@@ -1,4 +1,4 @@
-"""Tiny, deterministic, offline diffusers pipelines for tests (SD3.5-style and FLUX.2-klein-style).
+"""Tiny, deterministic, offline diffusers pipelines for tests (SD3.5-, FLUX.1-dev- and FLUX.2-klein-style).
 
 Each builder constructs every component from a config with seeded weights, wraps them in the stock pipeline
 class and writes the folder with the stock ``save_pretrained``; tests load it back with the stock
@@ -42,6 +42,13 @@ FLUX2_QWEN_WIDTH = 16  # Qwen3-4B hidden size is 2560; joint_attention_dim = 3 x
 FLUX2_QWEN_LAYERS = 28  # the pipeline reads hidden_states[9], [18], [27]: needs >= 27 decoder layers
 FLUX2_LATENT_CHANNELS = 8  # real FLUX.2 VAE has 32; 8 keeps the packed width (32) distinct from SD3's 16
 FLUX2_VARIANTS = ("klein", "base")
+
+# FLUX.1 -------------------------------------------------------------------------------------------------------
+FLUX1_CLIP_WIDTH = 16  # CLIP-L's pooled width (768 in the real model) = pooled_projection_dim
+FLUX1_T5_WIDTH = 64  # T5-XXL (4096) = joint_attention_dim
+FLUX1_LATENT_CHANNELS = 4  # real FLUX.1 VAE has 16; packed 2x2 -> 4 x 4 = 16 = in_channels
+FLUX1_SCALING_FACTOR = 0.3611  # FLUX.1 VAE config values: decode uses x / 0.3611 + 0.1159
+FLUX1_SHIFT_FACTOR = 0.1159
 
 # VAE blocks: 4 of them so the spatial factor is 8 like the real VAEs (vae_scale_factor = 2 ** (len - 1));
 # channels divisible by the 4 GroupNorm groups.
@@ -286,6 +293,51 @@ def build_tiny_flux2_klein(path: str | Path, *, variant: str = "klein", seed: in
         transformer=transformer,
         is_distilled=variant == "klein",
     )
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_flux1(path: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny ``FluxPipeline`` folder (FLUX.1-dev layout) at ``path`` and return it.
+
+    Transformer: 1 double + 1 single stream block, 2 heads of 16 (RoPE axes 4 + 6 + 6), the guidance embedding of
+    FLUX.1-dev (its distilled CFG is a scalar input), ``in_channels = 4 x 4`` for the 2x2-packed 4-channel
+    latents. Text: CLIP-L's pooled output (width 16) and T5 (width 64, the ``joint_attention_dim``). VAE: 8x down,
+    4 latent channels, FLUX.1's scaling/shift factors. Scheduler: FLUX.1's dynamic shift (``mu`` linear in the
+    image tokens, from the pipeline).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    path = Path(path)
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    with _seeded(seed, "flux1/text_encoder"):
+        text_encoder = _perturb_constant_parameters(CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=FLUX1_CLIP_WIDTH, intermediate_size=2 * FLUX1_CLIP_WIDTH,
+            projection_dim=FLUX1_CLIP_WIDTH, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+            hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id))).eval()
+    with _seeded(seed, "flux1/text_encoder_2"):
+        text_encoder_2 = _perturb_constant_parameters(T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_2), d_model=FLUX1_T5_WIDTH, d_kv=16, d_ff=2 * FLUX1_T5_WIDTH, num_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=tokenizer_2.pad_token_id))).eval()
+    with _seeded(seed, "flux1/transformer"):
+        transformer = _perturb_constant_parameters(FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * FLUX1_LATENT_CHANNELS, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=FLUX1_T5_WIDTH,
+            pooled_projection_dim=FLUX1_CLIP_WIDTH, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
+    with _seeded(seed, "flux1/vae"):
+        vae = _perturb_constant_parameters(AutoencoderKL(
+            **_vae_kwargs(FLUX1_LATENT_CHANNELS), scaling_factor=FLUX1_SCALING_FACTOR,
+            shift_factor=FLUX1_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path, safe_serialization=True)
     return path

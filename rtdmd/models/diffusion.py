@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 #: the reference's text lengths (method.md §1, §13.13): T5 128 for SD3 (the stock pipeline's 256 is not used), Qwen 512
-DEFAULT_TEXT_LENGTH = {"sd3": 128, "flux2": 512}
+DEFAULT_TEXT_LENGTH = {"sd3": 128, "flux1": 512, "flux2": 512}
 FLUX2_TEXT_LAYERS = (9, 18, 27)
 
 
@@ -72,7 +72,9 @@ class DiffusionCore:
     def _encode(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
-    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def velocity(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, *,
+                 guidance: float = 1.0) -> torch.Tensor:
+        """``guidance``: a distilled-guidance input of the transformer (FLUX.1-dev's); the others ignore it."""
         raise NotImplementedError
 
     def latents_to_vae(self, latents: torch.Tensor) -> torch.Tensor:
@@ -107,10 +109,29 @@ class DiffusionCore:
         return torch.cat([run(z) for z in latents.split(size)])
 
     def view(self, adapters: Sequence[str] = (), own: str | None = None, *, generator: bool = False,
-             block_checkpointing: bool = False) -> DiffusionBackbone:
-        """A trainer model on this core: ``adapters`` active, ``own`` the adapter its parameters are."""
+             block_checkpointing: bool = False, guidance: float = 1.0) -> DiffusionBackbone:
+        """A trainer model on this core: ``adapters`` active, ``own`` the adapter its parameters are, ``guidance``
+        its distilled-guidance input (FLUX.1-dev's teacher: the preset's guidance; every other view: 1)."""
         shared = self.generator_base if generator else self.base
-        return DiffusionBackbone(self, shared, adapters, own, block_checkpointing=block_checkpointing)
+        return DiffusionBackbone(self, shared, adapters, own, block_checkpointing=block_checkpointing,
+                                 guidance=guidance)
+
+    @property
+    def distilled_guidance(self) -> bool:
+        """Whether the teacher's guidance is a transformer input (FLUX.1-dev) rather than a CFG pass."""
+        return False
+
+
+def latent_shape(pipe, kind: str, resolution: int) -> tuple[int, int, int]:
+    """``[C, H, W]`` of one latent at ``resolution`` px: the VAE's downsampling; FLUX.2's latents are 2×2
+    patchified (their channels are the transformer's), FLUX.1's are the VAE's and packed 2×2 per call."""
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) * (2 if kind in ("flux1", "flux2") else 1)
+    if resolution % factor:
+        raise ValueError(f"model.resolution must be a multiple of {factor} for {kind}, got {resolution}")
+    side = resolution // factor
+    if kind == "flux1":
+        return (pipe.transformer.config.in_channels // 4, 2 * side, 2 * side)
+    return (pipe.transformer.config.in_channels, side, side)
 
 
 class SD3Core(DiffusionCore):
@@ -121,11 +142,7 @@ class SD3Core(DiffusionCore):
 
     def __init__(self, pipe, **kw):
         super().__init__(pipe, targets=SD3_TARGETS, **kw)
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if self.resolution % factor:
-            raise ValueError(f"model.resolution must be a multiple of the VAE factor {factor}, got {self.resolution}")
-        self.latent_shape = (pipe.transformer.config.in_channels, self.resolution // factor,
-                             self.resolution // factor)
+        self.latent_shape = latent_shape(pipe, self.kind, self.resolution)
 
     def sigmas(self, denoising_steps, shift):
         return sd3_sigmas(denoising_steps, shift)
@@ -136,11 +153,67 @@ class SD3Core(DiffusionCore):
             do_classifier_free_guidance=False, max_sequence_length=self.text_length)
         return {"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
 
-    def velocity(self, transformer, x, sigma, cond):
+    def velocity(self, transformer, x, sigma, cond, *, guidance=1.0):
         out = transformer(hidden_states=x.to(self.dtype), timestep=sigma.float() * 1000,
                           encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled"],
                           return_dict=False)[0]
         return out.to(x.dtype)
+
+    def latents_to_vae(self, latents):
+        c = self.vae.config
+        return latents / c.scaling_factor + (c.shift_factor or 0.0)
+
+
+def pack_2x2(x: torch.Tensor) -> torch.Tensor:
+    """FLUX.1's packing: ``[B, C, H, W] -> [B, (H/2)·(W/2), 4·C]``, 2×2 patches row-major (its pipeline's order)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_2x2(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_2x2` for a latent of ``h × w``."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+class Flux1Core(DiffusionCore):
+    """FLUX.1-dev: ``FluxTransformer2DModel``; CLIP-L pooled + T5 over 512 tokens; VAE latents ``[16, H/8, W/8]``
+    packed 2×2 into tokens per call; timestep ``bf16(1000σ)/1000``; the teacher's guidance is the transformer's
+    distilled-guidance input (3.5 for FLUX.1-dev, one forward, no CFG pass) and every other model gets 1.0, as the
+    reference; the dynamic shift with ``mu`` linear in the image tokens (FLUX.1's ``calculate_shift``)."""
+
+    kind = "flux1"
+
+    def __init__(self, pipe, **kw):
+        super().__init__(pipe, targets=SD3_TARGETS, **kw)
+        self.latent_shape = latent_shape(pipe, self.kind, self.resolution)
+
+    @property
+    def distilled_guidance(self) -> bool:
+        return bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
+
+    def sigmas(self, denoising_steps, shift):
+        c = self.pipe.scheduler.config
+        seq = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        mu = c.base_shift + slope * (seq - c.base_image_seq_len)
+        return [float(s) for s in dynamic_shift_sigmas(denoising_steps, mu)]
+
+    def _encode(self, prompts):
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=self.device,
+                                                    num_images_per_prompt=1, max_sequence_length=self.text_length)
+        return {"prompt_embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
+
+    def velocity(self, transformer, x, sigma, cond, *, guidance=1.0):
+        b, _, h, w = x.shape
+        img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, transformer.dtype)
+        txt_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=x.device, dtype=transformer.dtype)
+        t = (sigma.float() * 1000).to(transformer.dtype) / 1000  # as the reference feeds it
+        g = torch.full((b,), float(guidance), device=x.device) if transformer.config.guidance_embeds else None
+        out = transformer(hidden_states=pack_2x2(x).to(transformer.dtype), timestep=t, guidance=g,
+                          pooled_projections=cond["pooled"], encoder_hidden_states=cond["prompt_embeds"],
+                          txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return unpack_2x2(out, h, w).to(x.dtype)
 
     def latents_to_vae(self, latents):
         c = self.vae.config
@@ -160,11 +233,7 @@ class Flux2Core(DiffusionCore):
         super().__init__(pipe, targets=flux2_targets(n_single), **kw)
         if generator_transformer is not None:
             self.generator_base = SharedTransformer(generator_transformer, flux2_targets(n_single))
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) * 2
-        if self.resolution % factor:
-            raise ValueError(f"model.resolution must be a multiple of {factor} for FLUX.2, got {self.resolution}")
-        side = self.resolution // factor
-        self.latent_shape = (pipe.transformer.config.in_channels, side, side)
+        self.latent_shape = latent_shape(pipe, self.kind, self.resolution)
 
     def sigmas(self, denoising_steps, shift):
         seq = self.latent_shape[1] * self.latent_shape[2]
@@ -176,7 +245,7 @@ class Flux2Core(DiffusionCore):
             max_sequence_length=self.text_length, hidden_states_layers=FLUX2_TEXT_LAYERS)
         return {"prompt_embeds": embeds, "text_ids": self.pipe._prepare_text_ids(embeds).to(self.device)}
 
-    def velocity(self, transformer, x, sigma, cond):
+    def velocity(self, transformer, x, sigma, cond, *, guidance=1.0):
         b, c, h, w = x.shape
         tokens = x.reshape(b, c, h * w).transpose(1, 2)  # the pipeline's packing: (h, w) row-major
         img_ids = self.pipe._prepare_latent_ids(x).to(x.device)
@@ -199,11 +268,12 @@ class DiffusionBackbone(LoraView, Backbone):
     (optimizer, EMA, checkpoint) are adapter ``own``'s LoRA weights; none for the teacher."""
 
     def __init__(self, core: DiffusionCore, shared: SharedTransformer, adapters: Sequence[str], own: str | None,
-                 *, block_checkpointing: bool = False):
+                 *, block_checkpointing: bool = False, guidance: float = 1.0):
         super().__init__()
         object.__setattr__(self, "core", core)
         self._init_lora_view(shared, adapters, own)
         self.block_checkpointing = block_checkpointing
+        self.guidance = guidance
         self.latent_shape = core.latent_shape
 
     def encode(self, prompts: Sequence[str]) -> Cond:
@@ -213,7 +283,7 @@ class DiffusionBackbone(LoraView, Backbone):
         with self.shared.active(self.adapters):
             self.shared.set_block_checkpointing(self.block_checkpointing)
             try:
-                return self.core.velocity(self.shared.module, x, sigma, cond)
+                return self.core.velocity(self.shared.module, x, sigma, cond, guidance=self.guidance)
             finally:
                 self.shared.set_block_checkpointing(False)
 
@@ -235,7 +305,7 @@ class DiffusionBackbone(LoraView, Backbone):
         rank, alpha = self.shared.ranks[self.trainable_adapter]
         self.shared.add(name, rank, alpha, trainable=False)
         ema = DiffusionBackbone(self.core, self.shared, [a if a != self.trainable_adapter else name
-                                                         for a in self.adapters], name)
+                                                         for a in self.adapters], name, guidance=self.guidance)
         ema.load_state_dict(self.state_dict())
         return ema
 
@@ -255,8 +325,9 @@ def check_model_paths(model_cfg, device: torch.device) -> Path:
     model folder."""
     path = _require_folder(model_cfg.path, "model.path")
     if model_cfg.generator_path:
-        if model_cfg.kind == "sd3":
-            raise ValueError("model.generator_path: SD3's generator starts from model.path (leave it null)")
+        if model_cfg.kind != "flux2":
+            raise ValueError(f"model.generator_path: the {model_cfg.kind} generator starts from model.path "
+                             "(leave it null)")
         _require_folder(model_cfg.generator_path, "model.generator_path")
     if model_cfg.attention == "xformers" and device.type != "cuda":
         raise ValueError("model.attention: xformers needs CUDA; use sdpa")
@@ -271,7 +342,8 @@ def load_core(model_cfg, device: torch.device) -> DiffusionCore:
     path = check_model_paths(model_cfg, device)
     kind = model_cfg.kind
     dtype = DTYPES[model_cfg.dtype]
-    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux2": diffusers.Flux2KleinPipeline}[kind]
+    cls = {"sd3": diffusers.StableDiffusion3Pipeline, "flux1": diffusers.FluxPipeline,
+           "flux2": diffusers.Flux2KleinPipeline}[kind]
     try:
         pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
@@ -283,6 +355,8 @@ def load_core(model_cfg, device: torch.device) -> DiffusionCore:
     common = dict(resolution=model_cfg.resolution, dtype=dtype, device=device, text_length=length)
     if kind == "sd3":
         return SD3Core(pipe, **common)
+    if kind == "flux1":
+        return Flux1Core(pipe, **common)
     gen = None
     if model_cfg.generator_path:
         gpath = _require_folder(model_cfg.generator_path, "model.generator_path")
@@ -305,6 +379,12 @@ def _rank_alpha(model_cfg) -> tuple[int, float]:
     return model_cfg.lora_rank, model_cfg.lora_alpha or float(model_cfg.lora_rank)
 
 
+def teacher_view(core: DiffusionCore, cfg) -> DiffusionBackbone:
+    """The base with every adapter off; a distilled-guidance model (FLUX.1-dev) gets the preset's teacher guidance
+    as its input, where the others run CFG against ``""`` (:func:`rtdmd.stages.common.teacher_guidance`)."""
+    return core.view([], guidance=cfg.model.teacher_guidance if core.distilled_guidance else 1.0)
+
+
 def stage1_models(core: DiffusionCore, cfg) -> tuple[DiffusionBackbone, DiffusionBackbone, DiffusionBackbone]:
     """``(generator, fake score, teacher)`` of stage 1 (docs/method.md §12.1): fresh LoRAs (peft's gaussian init) on the
     base — the generator's on klein for FLUX.2 — and the teacher as the base with every adapter off."""
@@ -314,7 +394,7 @@ def stage1_models(core: DiffusionCore, cfg) -> tuple[DiffusionBackbone, Diffusio
     generator = core.view([S1_GENERATOR], S1_GENERATOR, generator=True,
                           block_checkpointing=cfg.model.gradient_checkpointing)
     fake = core.view([S1_FAKE], S1_FAKE, block_checkpointing=cfg.stage1.fake_gradient_checkpointing)
-    return generator, fake, core.view([])
+    return generator, fake, teacher_view(core, cfg)
 
 
 def _frozen_adapter(shared: SharedTransformer, name: str, rank: int, alpha: float, state) -> None:
@@ -340,7 +420,7 @@ def stage2_models(core: DiffusionCore, cfg, stage1_modules: dict) -> tuple[Diffu
     generator = core.view([S1_GENERATOR, S2_GENERATOR], S2_GENERATOR, generator=True,
                           block_checkpointing=cfg.model.gradient_checkpointing)
     fake = core.view([S1_FAKE, S2_FAKE], S2_FAKE, block_checkpointing=cfg.stage2.fake_gradient_checkpointing)
-    return generator, fake, core.view([])
+    return generator, fake, teacher_view(core, cfg)
 
 
 def export_lora(core: DiffusionCore, loras: Sequence[dict[str, torch.Tensor]], model_cfg, out_dir) -> Path:

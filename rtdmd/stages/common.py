@@ -65,7 +65,11 @@ def show_progress(progress: bool) -> bool | None:
 
 
 def teacher_guidance(cfg) -> float:
-    return cfg.toy.teacher_guidance if cfg.model.kind == "toy" else cfg.model.teacher_guidance
+    """The teacher's CFG scale against ``""``; 1 (no CFG pass) for FLUX.1, whose guidance is a transformer input
+    (:func:`rtdmd.models.diffusion.teacher_view`)."""
+    if cfg.model.kind == "toy":
+        return cfg.toy.teacher_guidance
+    return 1.0 if cfg.model.kind == "flux1" else cfg.model.teacher_guidance
 
 
 def chain_round(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

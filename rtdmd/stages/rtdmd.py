@@ -13,6 +13,7 @@ the stored latent with the stored noises through ``rk.checkpointed_rollout`` (do
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -217,15 +218,16 @@ class Stage2:
         x_s = data.next_latents[:, -1]
         n = x_s.shape[0]
         sigma_s = torch.zeros(n, device=self.device)
-        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, data.index, sigma_s, self.shape, self.s1,
-                               device=self.device, consistency=self.s1.consistency)
+        objective = dataclasses.replace(self.s1, consistency=self.s2.consistency)  # stage 1's terms, stage 2's switch
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, data.index, sigma_s, self.shape, objective,
+                               device=self.device, consistency=objective.consistency)
         total = {}
         for start in range(0, n, self.s2.fake_batch_size):
             sl = slice(start, start + self.s2.fake_batch_size)
             chunk = sub.select(sl)
             cond = self.s.fake.encode(data.prompts[sl])  # per chunk: a real text encoder never sees the epoch
             loss, stats = fake_score_objective(self.s.fake, x_s[sl], sigma_s[sl], cond, chunk,
-                                               self.s1, eta=self.eta)
+                                               objective, eta=self.eta)
             frac = x_s[sl].shape[0] / n
             (loss * frac).backward()
             for k, v in stats.items():
@@ -350,12 +352,16 @@ class Stage2:
         return stats
 
     def run(self, *, log_fn: Callable[[dict], None] | None = None, run_dir=None, progress: bool = False,
-            stop_at: int | None = None) -> Stage2State:
+            stop_at: int | None = None, evaluate: Callable[[int, Backbone], None] | None = None) -> Stage2State:
+        """Train from ``state.epoch`` to ``stage2.steps`` (or ``stop_at``); ``evaluate(epoch, ema_generator)`` runs
+        before every ``stage2.eval_every``-th epoch, as the reference evaluates with the EMA swapped in."""
         end = self.s2.steps if stop_at is None else min(stop_at, self.s2.steps)
         bar = tqdm(range(self.s.epoch, end), desc="stage 2 (RTDMD)", disable=show_progress(progress),
                    leave=False, initial=self.s.epoch, total=end)
         t0 = time.perf_counter() - self.s.seconds
         for epoch in bar:
+            if evaluate is not None and self.s2.eval_every and epoch % self.s2.eval_every == 0:
+                evaluate(epoch, self.s.ema.module)
             stats = self.epoch(epoch)
             self.s.epoch = epoch + 1
             self.s.seconds = time.perf_counter() - t0

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rtdmd import rng
-from rtdmd.models.toy_world import ToyWorld
+from .. import rng
+from ..models.toy_world import ToyWorld
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +233,8 @@ def generate_samples(backbone, evaluator: ToyEvaluator, cfg, device: torch.devic
     """A row's samples: ``backbone`` run for the config's few-step CPS schedule on the evaluator's prompts, with
     the evaluation noise of the RNG contract (stream ``eval``) — the same noise for every row, so rows differ
     only by their network."""
-    from .sampler import generate
-    from .schedule import sd3_sigmas
+    from ..sampler import generate
+    from ..schedule import sd3_sigmas
 
     prompts = [evaluator.world.prompts()[int(p)] for p in evaluator.prompt_idx]
     was_training = backbone.training
