@@ -153,6 +153,7 @@ class DataConfig:
     """Prompt files of the real presets (docs/training.md §4.3); the toy's prompts are built in."""
 
     train_prompts: str | None = None  # .txt (one prompt a line) or .jsonl ({"prompt": ..., other fields})
+    stage2_prompts: str | None = None  # stage 2's own prompts (the reference: GenEval .jsonl); null = train_prompts
     eval_prompts: str | None = None  # same formats; prompts for evaluation
 
 

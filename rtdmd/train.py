@@ -152,8 +152,9 @@ def check_supported(cfg: Config, stage: str) -> None:
         with user_errors():
             check_model_paths(cfg.model, device)
             load_prompts(cfg.data.train_prompts, key="data.train_prompts")
-            if cfg.data.eval_prompts:
-                load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
+            for key in ("stage2_prompts", "eval_prompts"):
+                if getattr(cfg.data, key):
+                    load_prompts(getattr(cfg.data, key), key=f"data.{key}")
 
 
 @contextlib.contextmanager
@@ -262,14 +263,11 @@ def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> N
 def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> None:
     """A real backbone (SD3/SD3.5, FLUX.2-klein): the stages, then the generator exported as a diffusers LoRA
     after each (``<run>/lora/stage1``, ``<run>/lora/stage2``: stage 1 + stage 2 combined)."""
-    from .data import load_prompts
     from .models.diffusion import export_lora, load_core
     from .rewards import build_rewards
     from .stages import ac_dmd, rtdmd
 
     env = distributed.current()
-    with user_errors():
-        prompts = load_prompts(cfg.data.train_prompts, key="data.train_prompts")
     lines, core = [], None
     for name in ["ac_dmd", "rtdmd"] if stage == "all" else [stage]:
         if core is None or env.strategy == "fsdp":  # FSDP2 shards what exists: stage 2's adapters need a fresh base
@@ -279,14 +277,14 @@ def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str
         if name == "ac_dmd":
             state, teacher = ac_dmd.init_lora_state(core, cfg)
             total = cfg.stage1.steps
-            make_loop = functools.partial(ac_dmd.Stage1, state, teacher, prompts, cfg, device)
+            make_loop = functools.partial(ac_dmd.Stage1, state, teacher, stage_prompts(cfg, 1), cfg, device)
         else:
             s1_modules = stage1_checkpoint(run).modules
             state, teacher = rtdmd.init_lora_state(core, cfg, s1_modules)
             total = cfg.stage2.steps
             with user_errors():
                 rewards = build_rewards(cfg, device=device)
-            make_loop = functools.partial(rtdmd.Stage2, state, teacher, prompts, rewards, cfg, device)
+            make_loop = functools.partial(rtdmd.Stage2, state, teacher, stage_prompts(cfg, 2), rewards, cfg, device)
         run_or_resume(name, state, total, make_loop, cfg, run,
                       evaluate=stage2_evaluator(cfg, run, rewards) if name == "rtdmd" else None)
         ema = distributed.full_state(state.ema.state_dict())  # a collective under fsdp
@@ -300,6 +298,17 @@ def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str
     if run.writer:
         print("\n".join(lines))
         print(f"run folder: {run.path}")
+
+
+def stage_prompts(cfg: Config, stage: int) -> list:
+    """The prompts a real stage trains on: ``data.train_prompts``; stage 2's ``data.stage2_prompts`` when set (the
+    reference: PickScore prompts in stage 1, GenEval's metadata prompts in stage 2)."""
+    from .data import load_prompts
+
+    key = "data.stage2_prompts" if stage == 2 and cfg.data.stage2_prompts else "data.train_prompts"
+    with user_errors():
+        return load_prompts(cfg.data.stage2_prompts if key == "data.stage2_prompts" else cfg.data.train_prompts,
+                            key=key)
 
 
 def stage2_evaluator(cfg: Config, run: RunFolder, rewards):

@@ -37,3 +37,17 @@ def test_bad_files_name_the_key_and_line(tmp_path, name, text, needle):
         load_prompts(tmp_path / name, key="data.eval_prompts")
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert Prompt("x", {"a": 1}).metadata == {"a": 1}
+
+
+def test_stage2_trains_on_its_own_prompts_when_given(tmp_path):
+    """The reference's stage 1 trains on PickScore prompts and stage 2 on GenEval's metadata prompts."""
+    from rtdmd.config import load_config
+    from rtdmd.train import stage_prompts
+
+    (tmp_path / "s1.txt").write_text("a cat\na dog\n")
+    (tmp_path / "s2.jsonl").write_text('{"prompt": "two cats", "tag": "counting"}\n')
+    base = [f"data.train_prompts={tmp_path / 's1.txt'}"]
+    cfg = load_config("toy", overrides=[*base, f"data.stage2_prompts={tmp_path / 's2.jsonl'}"])
+    assert stage_prompts(cfg, 1) == ["a cat", "a dog"]
+    assert stage_prompts(cfg, 2) == ["two cats"] and stage_prompts(cfg, 2)[0].metadata == {"tag": "counting"}
+    assert stage_prompts(load_config("toy", overrides=base), 2) == ["a cat", "a dog"]
