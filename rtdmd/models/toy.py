@@ -89,10 +89,18 @@ class ToyNetwork(Backbone):
         idx = torch.where(idx == UNCONDITIONAL, self.world.num_prompts, idx)
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
         out = self.transformer(
-            hidden_states=x.to(self.prompt_embeds.dtype), encoder_hidden_states=self.prompt_embeds[idx],
-            pooled_projections=self.pooled_embeds[idx], timestep=sigma * 1000.0, return_dict=False,
+            hidden_states=x.to(self.prompt_embeds.dtype), encoder_hidden_states=_rows(self.prompt_embeds, idx),
+            pooled_projections=_rows(self.pooled_embeds, idx), timestep=sigma * 1000.0, return_dict=False,
         )[0]
         return out.to(x.dtype)
+
+
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` as a one-hot matmul: the same values, and a gradient that is a matmul too. An index gather's
+    backward is a scatter-add whose multi-threaded CPU accumulation order varies from process to process, which
+    made two identical toy runs differ in the last bits (and training amplified that)."""
+    onehot = torch.nn.functional.one_hot(idx, table.shape[0]).to(table.dtype)
+    return (onehot @ table.flatten(1)).view(idx.shape[0], *table.shape[1:])
 
 
 def build_network(world: ToyWorld, model_cfg) -> ToyNetwork:
