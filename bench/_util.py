@@ -1,9 +1,9 @@
 """Shared helpers of the benchmark suite (bench/test_dmd.py) and the one-shot GPU check (bench/gpu_check.py).
 
 Cases, input builders, the fwd+bwd step of each provider, byte floors, peak-memory probes and table
-formatting. Benchmarks never run under Triton's interpreter: importing this module removes
-``TRITON_INTERPRET`` from the environment before ``rtdmd_kernels`` is imported (bench/conftest.py and
-gpu_check.py do the same first thing; this is the belt to their braces).
+formatting. Importing it imports ``rtdmd_kernels`` and changes no environment: benchmarks never run under
+Triton's interpreter, so every entry point calls ``_env.no_triton_interpreter()`` before importing this
+module (bench/_env.py; bench/conftest.py and the scripts do).
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-INTERPRET_WAS_SET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-os.environ.pop("TRITON_INTERPRET", None)
+import torch
+from _env import bench_device  # noqa: F401  (bench/_env.py: torch-free, shared with report.py)
+from report import markdown_table  # noqa: F401  (bench/report.py: the one table formatter, torch-free)
 
-import torch  # noqa: E402
-from report import markdown_table  # noqa: E402, F401  (bench/report.py: the one table formatter, torch-free)
-
-import rtdmd_kernels as rk  # noqa: E402
-from rtdmd_kernels import reference  # noqa: E402
+import rtdmd_kernels as rk
+from rtdmd_kernels import reference
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -56,14 +54,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def shape_str(shape) -> str:
     return "x".join(str(s) for s in shape)
-
-
-def bench_device() -> str:
-    """``cuda`` when available, unless ``RTDMD_BENCH_DEVICE=cpu``."""
-    want = os.environ.get("RTDMD_BENCH_DEVICE", "").strip().lower()
-    if want in ("cpu", "cuda"):
-        return want
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cases_for(device: str) -> list[str]:

@@ -11,9 +11,9 @@ floor traffic, speedup vs reference (per mode: fwd, fwd+bwd); then the peak-memo
 
 from __future__ import annotations
 
-import os
+import _env
 
-os.environ.pop("TRITON_INTERPRET", None)
+_env.no_triton_interpreter()  # before _util imports rtdmd_kernels
 
 import _util as bu  # noqa: E402
 import pytest  # noqa: E402

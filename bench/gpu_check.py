@@ -32,9 +32,12 @@ import time
 import traceback
 from pathlib import Path
 
-# Never time or check the interpreter: it would also take over every CUDA launch.
-_INTERPRET_WAS = os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _env  # noqa: E402
+
+# Never time or check the interpreter: it would also take over every CUDA launch.
+_INTERPRET_WAS = _env.no_triton_interpreter()
 
 import _util as bu  # noqa: E402
 import torch  # noqa: E402

@@ -26,8 +26,11 @@ import time
 import traceback
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _env  # noqa: E402
+
+_env.no_triton_interpreter()  # before _util imports rtdmd_kernels
 
 import _util as bu  # noqa: E402
 import torch  # noqa: E402

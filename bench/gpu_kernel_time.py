@@ -18,8 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _env  # noqa: E402
+
+if __name__ == "__main__":  # gpu_*_check.py import this module too; their own entry point already did it
+    _env.no_triton_interpreter()  # before _util imports rtdmd_kernels
 
 import _util as bu  # noqa: E402
 import torch  # noqa: E402

@@ -18,8 +18,8 @@ date and commit, for ``bench/RESULTS.md``. Examples::
     python -m bench.report -k "dmd or policy" --max-time 0.1
     python -m bench.report --benchmark-json run.json --markdown /tmp/report.md   # no benchmark run
 
-The table code imports neither torch nor ``_util`` (importing ``_util`` removes ``TRITON_INTERPRET`` from
-the environment); only running the suite and measuring the bandwidth do.
+The table code imports neither torch nor another bench module and leaves the environment alone; running the
+suite or measuring the bandwidth first removes ``TRITON_INTERPRET`` (``bench/_env.py``).
 """
 
 from __future__ import annotations
@@ -300,7 +300,16 @@ def _git_commit() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# measuring: the copy bandwidth and the suite (the only places that import torch / _util)
+# measuring: the copy bandwidth and the suite (the only places that import torch / bench/_env.py)
+
+
+def _bench_env():
+    """bench/_env.py, imported on demand (``python -m bench.report`` does not put bench/ on sys.path)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    import _env
+
+    return _env
 
 
 def copy_bandwidth(device: str, mib: int = 256, reps: int = 10) -> dict:
@@ -336,14 +345,11 @@ def copy_bandwidth(device: str, mib: int = 256, reps: int = 10) -> dict:
 
 
 def bench_device(data: dict) -> str:
-    """The device the JSON's benchmarks ran on, else this machine's (``_util.bench_device``)."""
+    """The device the JSON's benchmarks ran on, else this machine's (``_env.bench_device``)."""
     devs = {b.get("extra_info", {}).get("device") for b in data.get("benchmarks", []) or []} - {None}
     if devs:
         return "cuda" if "cuda" in devs else "cpu"
-    sys.path.insert(0, str(BENCH_DIR))
-    import _util
-
-    return _util.bench_device()
+    return _bench_env().bench_device()
 
 
 def run_suite(json_path: Path, keyword: str | None, max_time: float, min_rounds: int, extra: list[str]) -> int:
@@ -372,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     t0 = time.perf_counter()
+    if not (a.benchmark_json and a.copy_gbps):  # runs the suite or times the copy: never under the interpreter
+        _bench_env().no_triton_interpreter()
     rc = 0
     if a.benchmark_json:
         data = json.loads(a.benchmark_json.read_text())

@@ -40,13 +40,16 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)
-
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 for _path in (REPO, BENCH_DIR):  # the package, and bench/_util.py
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+import _env  # noqa: E402
+
+if __name__ == "__main__":  # test_rollout.py and this script's child processes import it under a clean env
+    _env.no_triton_interpreter()  # before _util imports rtdmd_kernels
 
 import torch  # noqa: E402
 from _util import proc_status_bytes, reset_peak_rss  # noqa: E402

@@ -1,7 +1,7 @@
 """bench/report.py's tables on a small synthetic pytest-benchmark JSON (no benchmark runs; CPU, < 1 s).
 
-The module is imported by path; importing it must not import ``bench/_util.py`` (which removes
-``TRITON_INTERPRET`` from the environment this test process relies on).
+The module is imported by path; importing it must neither import ``bench/_util.py`` (torch, rtdmd_kernels) nor
+touch ``TRITON_INTERPRET``, which this test process relies on.
 """
 
 from __future__ import annotations

@@ -24,15 +24,10 @@ from tiny_clip import (
 from tiny_tokenizers import clip_tokenizer
 
 from rtdmd.data import Prompt, prompt_metadata
-from rtdmd.rewards.base import Reward
+from rtdmd.rewards.base import Reward, quantize_uint8
+from rtdmd.rewards.builder import build_image_reward
 from rtdmd.rewards.hps import convert_open_clip_state_dict, load_open_clip_checkpoint
-from rtdmd.rewards.image import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    build_image_reward,
-    quantize_uint8,
-    resize_max_pad,
-)
+from rtdmd.rewards.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_max_pad
 from rtdmd.rewards.plugin import PluginReward
 
 PROMPTS = ["a photo of the cat", "an orange tree at night"]

@@ -33,8 +33,8 @@ from tiny_imagereward import (
     tiny_med_config,
 )
 
-from rtdmd.rewards.base import Reward
-from rtdmd.rewards.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, quantize_uint8
+from rtdmd.rewards.base import Reward, quantize_uint8
+from rtdmd.rewards.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from rtdmd.rewards.imagereward import (
     IMAGEREWARD_MEAN,
     IMAGEREWARD_STD,

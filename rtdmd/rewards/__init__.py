@@ -1,8 +1,12 @@
 """Rewards: one interface, the toy rewards, image rewards (CLIPScore, PickScore, HPSv2.1, aesthetic, plug-ins)
 and weighted mixtures."""
 
+from pathlib import Path
+
+from ..config import ConfigError, config_to_dict
 from .base import Reward, RewardMixture, WeightedReward
-from .image import IMAGE_REWARD_KINDS
+from .builder import IMAGE_REWARD_KINDS, build_image_reward
+from .plugin import resolve_function
 from .toy import TOY_REWARDS, BinaryReward, LinearReward
 
 __all__ = ["Reward", "RewardMixture", "WeightedReward", "LinearReward", "BinaryReward", "TOY_REWARDS", "build_rewards",
@@ -16,11 +20,9 @@ DIFFERENTIABLE_IMAGE_REWARDS = ("clipscore", "pickscore", "hpsv2", "imagereward"
 
 def build_rewards(cfg, world=None, device=None, *, include_unused: bool = False) -> RewardMixture:
     """The config's ``rewards`` section as a mixture: toy presets know ``linear`` and ``binary``; real presets
-    load image rewards from local folders or plug-in functions (:func:`rtdmd.rewards.image.build_image_reward`).
+    load image rewards from local folders or plug-in functions (:func:`rtdmd.rewards.builder.build_image_reward`).
     A real reward with weight 0 and no ``backprop`` is not loaded for training; ``include_unused`` loads it too
     (evaluation-only rewards)."""
-    from ..config import ConfigError, config_to_dict
-
     out = {}
     for name, rc in cfg.rewards.items():
         if rc.weight == 0 and not rc.backprop and cfg.model.kind != "toy" and not include_unused:
@@ -30,8 +32,6 @@ def build_rewards(cfg, world=None, device=None, *, include_unused: bool = False)
                 raise ConfigError(f"config key 'rewards.{name}': unknown toy reward (known: {', '.join(TOY_REWARDS)})")
             reward = TOY_REWARDS[name](world)
         else:
-            from .image import build_image_reward
-
             reward = build_image_reward(name, config_to_dict(rc), device=device)
         if rc.backprop and not reward.differentiable:
             raise ConfigError(f"config key 'rewards.{name}.backprop': the {name} reward is not differentiable")
@@ -46,10 +46,6 @@ def check_reward_specs(cfg) -> None:
     ``binary``; real presets need a known kind or a plug-in function, and paths that exist; ``backprop`` only on
     a differentiable reward; at least one reward in use. A reward with weight 0 and no ``backprop`` is not used
     (nor loaded), so it is not checked. A plug-in's module is imported here (it runs that module's code)."""
-    from pathlib import Path
-
-    from ..config import ConfigError
-
     used = {name: rc for name, rc in cfg.rewards.items() if rc.weight != 0 or rc.backprop}
     if not used:
         raise ConfigError("config key 'rewards': no reward with a weight or backprop=true")
@@ -63,8 +59,6 @@ def check_reward_specs(cfg) -> None:
             continue
         kind = rc.kind or name
         if rc.function is not None:
-            from .plugin import resolve_function
-
             try:
                 resolve_function(rc.function, key=f"rewards.{name}.function")
             except ValueError as e:

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 
 
+def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """The rollout's uint8 quantization, back in [0, 1] floats: ``(x*255).round().clamp(0, 255) / 255``."""
+    return (images.detach().float() * 255).round().clamp(0, 255) / 255
+
+
 class Reward:
     """Base class: subclasses set ``name``/``differentiable`` and implement :meth:`score`."""
 

@@ -71,7 +71,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import prompt_metadata
+from ._load import load_clip_model, load_image_processor, load_tokenizer, one_line, spec_dict, spec_folder
 from .base import Reward
+from .image import pooled, to_uint8_arrays, unit
 
 __all__ = [
     "BACKGROUND", "COLORS", "COLOR_TEMPLATES", "COUNTING_THRESHOLD", "GENEVAL_TASKS", "LABEL_ALIASES", "MAX_OBJECTS",
@@ -454,16 +457,14 @@ class ClipColorClassifier:
     def text_weights(self, classname: str) -> torch.Tensor:
         """``[len(colors), D]`` unit colour embeddings for objects of ``classname``."""
         if classname not in self._text:
-            from .image import _pooled, _unit
-
             texts = [t.format(color=c, object=classname) for c in self.colors for t in self.templates]
             tok = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
                                  return_tensors="pt")
-            emb = _unit(_pooled(self.model.get_text_features(
+            emb = unit(pooled(self.model.get_text_features(
                 input_ids=tok["input_ids"].to(self.device),
                 attention_mask=tok["attention_mask"].to(self.device))).float())
             emb = emb.view(len(self.colors), len(self.templates), -1).mean(dim=1)
-            self._text[classname] = _unit(emb)
+            self._text[classname] = unit(emb)
         return self._text[classname]
 
     def crops(self, image: np.ndarray, detections: Sequence[Detection]) -> list:
@@ -484,14 +485,12 @@ class ClipColorClassifier:
     @torch.no_grad()
     def logits(self, image: np.ndarray, detections: Sequence[Detection], classname: str) -> torch.Tensor:
         """``[len(detections), len(colors)]`` cosine similarities of each crop with each colour."""
-        from .image import _pooled, _unit
-
         weights = self.text_weights(classname)
         if not detections:
             return torch.zeros(0, len(self.colors), device=self.device)
         pixels = self.image_processor(images=self.crops(np.asarray(image), detections),
                                       return_tensors="pt")["pixel_values"]
-        emb = _unit(_pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, torch.float32))).float())
+        emb = unit(pooled(self.model.get_image_features(pixel_values=pixels.to(self.device, torch.float32))).float())
         return emb @ weights.T
 
     def classify(self, image: np.ndarray, detections: Sequence[Detection], classname: str) -> list[str]:
@@ -535,8 +534,6 @@ class GenEvalReward(Reward):
 
     def metadata(self, prompt: str) -> dict[str, Any]:
         """The prompt's checked GenEval metadata; a one-line ``ValueError`` naming the reward otherwise."""
-        from ..data import prompt_metadata
-
         meta = prompt_metadata(prompt)
         short = _short(prompt)
         if not meta or ("include" not in meta and "tag" not in meta):
@@ -554,8 +551,6 @@ class GenEvalReward(Reward):
     @torch.no_grad()
     def evaluate(self, samples: torch.Tensor, prompts: Sequence[str]) -> list[GenEvalResult]:
         """Per image: the training reward, the benchmark's pass/fail and the task."""
-        from .image import _to_uint8_arrays
-
         self._check(samples, prompts)
         metas = [self.metadata(p) for p in prompts]
         known = self.detector.classes
@@ -564,7 +559,7 @@ class GenEvalReward(Reward):
             if unknown:
                 raise ValueError(f"{self.name}: prompt {_short(p)!r} asks for {unknown[0]!r}, which the detector "
                                  f"does not know (it knows {len(known)} classes)")
-        images = np.stack(_to_uint8_arrays(samples))
+        images = np.stack(to_uint8_arrays(samples))
         wanted = set().union(*(metadata_classes(m) for m in metas))
         detections = self.detector.detect(images, wanted)
         if len(detections) != len(metas):
@@ -618,14 +613,12 @@ def load_mask2former(folder: Path, key: str) -> nn.Module:
     ``key`` otherwise."""
     from transformers import Mask2FormerForUniversalSegmentation
 
-    from .image import _one_line
-
     try:
         model = Mask2FormerForUniversalSegmentation.from_pretrained(str(folder), local_files_only=True,
                                                                     dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ValueError(f"{key}: cannot load a Mask2FormerForUniversalSegmentation from {folder}: "
-                         f"{_one_line(e)}") from e
+                         f"{one_line(e)}") from e
     if not getattr(model.config, "id2label", None):
         raise ValueError(f"{key}: the Mask2Former model at {folder} has no id2label (class names)")
     return model.float().eval().requires_grad_(False)
@@ -633,15 +626,13 @@ def load_mask2former(folder: Path, key: str) -> nn.Module:
 
 def load_mask2former_processor(folder: Path, key: str) -> Any:
     """The folder's Mask2Former image processor (PIL backend); transformers' defaults if it has none."""
-    from .image import _one_line
-
     cls = _mask2former_processor_class()
     if not (folder / "preprocessor_config.json").is_file():
         return cls()
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{key}: cannot load a Mask2Former image processor from {folder}: {_one_line(e)}") from e
+        raise ValueError(f"{key}: cannot load a Mask2Former image processor from {folder}: {one_line(e)}") from e
 
 
 def build_geneval_reward(name: str, spec: Mapping[str, Any], device: torch.device | str | None = None
@@ -652,9 +643,7 @@ def build_geneval_reward(name: str, spec: Mapping[str, Any], device: torch.devic
     Mask2Former image processor's folder; default ``path``). ``kind``/``weight``/``backprop`` are accepted and
     ignored (the mixture's); ``None`` values count as unset, and so does ``differentiable: false``. Unknown,
     missing or wrong keys raise a one-line ``ValueError`` naming ``rewards.<name>.<key>``. Never downloads."""
-    from .image import _folder, _load_clip_model, _load_image_processor, _load_tokenizer, _spec_dict
-
-    s = _spec_dict(name, spec)
+    s = spec_dict(name, spec)
     if s.get("kind", "geneval") != "geneval":
         raise ValueError(f"rewards.{name}.kind: expected 'geneval', got {s['kind']!r}")
     if "differentiable" in s:
@@ -670,13 +659,13 @@ def build_geneval_reward(name: str, spec: Mapping[str, Any], device: torch.devic
         if k not in s:
             raise ValueError(f"rewards.{name}.{k}: required for the geneval reward")
     key = f"rewards.{name}"
-    model_dir = _folder(s, name, "path")
+    model_dir = spec_folder(s, name, "path")
     proc_key = "processor_path" if "processor_path" in s else "path"
-    proc_dir = _folder(s, name, proc_key)
-    clip_dir = _folder(s, name, "clip_path")
+    proc_dir = spec_folder(s, name, proc_key)
+    clip_dir = spec_folder(s, name, "clip_path")
     detector = Mask2FormerDetector(load_mask2former(model_dir, f"{key}.path"),
                                    load_mask2former_processor(proc_dir, f"{key}.{proc_key}"), device=device)
-    colors = ClipColorClassifier(_load_clip_model(clip_dir, f"{key}.clip_path"),
-                                 _load_tokenizer(clip_dir, f"{key}.clip_path"),
-                                 _load_image_processor(clip_dir, f"{key}.clip_path"), device=device)
+    colors = ClipColorClassifier(load_clip_model(clip_dir, f"{key}.clip_path"),
+                                 load_tokenizer(clip_dir, f"{key}.clip_path"),
+                                 load_image_processor(clip_dir, f"{key}.clip_path"), device=device)
     return GenEvalReward(detector, colors, name=name)

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import copy
 import math
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .image import unused_keys_message
+from ._load import read_state_dict, unused_keys_message
 
-__all__ = ["convert_open_clip_state_dict", "infer_clip_config", "load_open_clip_checkpoint", "read_state_dict"]
+__all__ = ["convert_open_clip_state_dict", "infer_clip_config", "load_open_clip_checkpoint"]
 
 # open_clip's vision head width per ViT width (ViT-H-14: 80, ViT-g-14: 88, ViT-bigG-14: 104; 64 otherwise);
 # its text towers all use 64-wide heads.
@@ -223,36 +222,6 @@ def _check_against_config(out: Mapping[str, torch.Tensor], config) -> None:
         if tuple(t.shape) != tuple(out[k].shape):
             raise ValueError(f"open_clip conversion: {k} has shape {tuple(out[k].shape)}, the config expects "
                              f"{tuple(t.shape)}")
-
-
-def read_state_dict(path: str | Path, *, key: str = "path") -> dict[str, torch.Tensor]:
-    """A weights file as a flat state dict: ``.safetensors``, or a torch pickle read with ``weights_only=True``
-    (a ``{"state_dict": ...}`` wrapper is unwrapped). ``ValueError`` names ``key`` when it cannot be read."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"{key}: no such file: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p))
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"{key}: cannot read {p} as safetensors: {_first_line(e)}") from e
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{key}: cannot load {p} with torch.load(weights_only=True) ({_first_line(e)}); "
-                         "convert it to .safetensors") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{key}: {p} does not hold a state dict of tensors (nor a {{'state_dict': ...}} wrapper)")
-    return dict(obj)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_open_clip_checkpoint(path: str | Path, *, config=None, eos_token_id: int | None = None,

@@ -11,45 +11,35 @@ reference:
   PickScore and the aesthetic score), no gradient.
 
 Models load from local folders with the stock ``from_pretrained(..., local_files_only=True)``; nothing is
-downloaded. Weights are float32. :func:`build_image_reward` builds any of them (or a plug-in) from a
-``rewards.<name>`` spec.
+downloaded. Weights are float32. :func:`rtdmd.rewards.builder.build_image_reward` builds any of them (or a plug-in)
+from a ``rewards.<name>`` spec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Reward
+from .base import Reward, quantize_uint8
 
 __all__ = [
-    "IMAGE_REWARD_KINDS", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Aesthetic", "AestheticHead", "CLIPScore", "HPSv2",
-    "ImageReward", "PickScore", "build_aesthetic_head", "build_image_reward", "normalize", "processor_transform",
-    "quantize_uint8", "resize_max_pad", "resize_shorter_center_crop",
+    "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "Aesthetic", "AestheticHead", "CLIPScore", "HPSv2", "ImageReward",
+    "PickScore", "build_aesthetic_head", "normalize", "pooled", "processor_transform", "resize_max_pad",
+    "resize_shorter_center_crop", "to_uint8_arrays", "unit",
 ]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PICKSCORE_SCALE = 26.0  # PickScore's reward is exp(logit_scale)·cos / 26 (docs/method.md §7)
-IMAGE_REWARD_KINDS = ("clipscore", "pickscore", "hpsv2", "aesthetic", "geneval", "imagereward")
-#: the kinds built in modules of their own: kind -> (module, builder)
-_OWN_MODULE_KINDS = {"geneval": ("geneval", "build_geneval_reward"),
-                     "imagereward": ("imagereward", "build_imagereward")}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Tensor preprocessing (the reference's torchvision / open_clip transforms on float tensors)
 # --------------------------------------------------------------------------------------------------------------
-
-def quantize_uint8(images: torch.Tensor) -> torch.Tensor:
-    """The rollout's uint8 quantization, back in [0, 1] floats: ``(x*255).round().clamp(0, 255) / 255``."""
-    return (images.detach().float() * 255).round().clamp(0, 255) / 255
-
 
 def _resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     if tuple(images.shape[-2:]) == tuple(size):  # torchvision returns the image untouched at its own size
@@ -135,16 +125,17 @@ def processor_transform(processor: Any) -> tuple[int | tuple[int, int], tuple[in
     return resize, crop, mean, std
 
 
-def _pooled(out: Any) -> torch.Tensor:
+def pooled(out: Any) -> torch.Tensor:
     """``get_*_features`` returns a tensor in transformers 4 and an output object in 5 (docs/training.md §5.5)."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` L2-normalised along the last dimension."""
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def _to_uint8_arrays(images: torch.Tensor) -> list:
+def to_uint8_arrays(images: torch.Tensor) -> list:
     """uint8 ``[H, W, 3]`` numpy arrays of the quantized images: what the reference hands the HF processor as PIL."""
     q = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
     return list(q.permute(0, 2, 3, 1).cpu().numpy())
@@ -221,11 +212,11 @@ class _ClipTextImage(ImageReward):
                              truncation=True, return_tensors="pt")
         mask = tok["attention_mask"].to(self.device) if self.text_attention_mask else None
         out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=mask)
-        return _unit(_pooled(out).float())
+        return unit(pooled(out).float())
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings ``[N, D]`` (gradient flows to ``pixel_values``)."""
-        return _unit(_pooled(self.model.get_image_features(pixel_values=pixel_values)).float())
+        return unit(pooled(self.model.get_image_features(pixel_values=pixel_values)).float())
 
     def _cosine(self, pixel_values: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return (self.image_embeds(pixel_values) * self.text_embeds(prompts)).sum(dim=-1)
@@ -280,7 +271,7 @@ class PickScore(_ClipTextImage):
         return self._reward(self.preprocess(images), prompts)
 
     def _score_quantized(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = self.image_processor(images=_to_uint8_arrays(images), return_tensors="pt",
+        pixels = self.image_processor(images=to_uint8_arrays(images), return_tensors="pt",
                                       input_data_format="channels_last")["pixel_values"]
         return self._reward(pixels.to(self.device, torch.float32), prompts)
 
@@ -326,7 +317,7 @@ class Aesthetic(ImageReward):
         return [self.model, self.head]
 
     def _from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        emb = _unit(_pooled(self.model.get_image_features(pixel_values=pixel_values)).float())
+        emb = unit(pooled(self.model.get_image_features(pixel_values=pixel_values)).float())
         return self.head(emb).squeeze(-1)
 
     def _score_float(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -334,7 +325,7 @@ class Aesthetic(ImageReward):
         return self._from_pixels(normalize(x, self.mean, self.std))
 
     def _score_quantized(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = self.image_processor(images=_to_uint8_arrays(images), return_tensors="pt",
+        pixels = self.image_processor(images=to_uint8_arrays(images), return_tensors="pt",
                                       input_data_format="channels_last")["pixel_values"]
         return self._from_pixels(pixels.to(self.device, torch.float32))
 
@@ -384,185 +375,3 @@ def build_aesthetic_head(state_dict: Mapping[str, torch.Tensor], *, key: str = "
     head = AestheticHead(layers)
     head.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return head
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Builder
-# --------------------------------------------------------------------------------------------------------------
-
-_KIND_KEYS = {
-    "clipscore": ({"path"}, {"processor_path", "tokenizer_path"}),
-    "pickscore": ({"path"}, {"processor_path", "tokenizer_path"}),
-    "hpsv2": ({"path", "tokenizer_path"}, set()),
-    "aesthetic": ({"path", "clip_path"}, {"processor_path"}),
-}
-_PLUGIN_KEYS = {"function", "differentiable"}
-_MIXTURE_KEYS = {"kind", "weight", "backprop"}  # weight/backprop belong to the mixture; accepted and ignored here
-
-
-def unused_keys_message(state: Mapping[str, Any], used: set[str]) -> str | None:
-    """What a checkpoint converter says about keys it did not map (the first five), or None when it used all."""
-    unused = sorted(set(state) - used)
-    if not unused:
-        return None
-    more = f" (+{len(unused) - 5} more)" if len(unused) > 5 else ""
-    return f"keys the conversion does not use: {', '.join(unused[:5])}{more}"
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _folder(spec: Mapping[str, Any], name: str, key: str) -> Path:
-    p = Path(str(spec[key])).expanduser()
-    if not p.is_dir():
-        raise ValueError(f"rewards.{name}.{key}: no such folder: {p}")
-    return p
-
-
-def _file(spec: Mapping[str, Any], name: str, key: str) -> Path:
-    p = Path(str(spec[key])).expanduser()
-    if not p.is_file():
-        raise ValueError(f"rewards.{name}.{key}: no such file: {p}")
-    return p
-
-
-def _load_clip_model(folder: Path, key: str) -> nn.Module:
-    from transformers import CLIPModel
-
-    try:
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"{key}: cannot load a CLIPModel from {folder}: {_one_line(e)}") from e
-    return model.float().eval().requires_grad_(False)
-
-
-def _load_tokenizer(folder: Path, key: str) -> Any:
-    from transformers import AutoTokenizer
-
-    # transformers 5 builds an empty CLIP tokenizer from a folder without vocabulary files: refuse that
-    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-        raise ValueError(f"{key}: cannot load a tokenizer from {folder}: no tokenizer.json or vocab.json there")
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{key}: cannot load a tokenizer from {folder}: {_one_line(e)}") from e
-
-
-def _pil_processor_class() -> type:
-    try:  # transformers 5: the PIL backend is its own class (the default one needs torchvision)
-        from transformers import CLIPImageProcessorPil as cls
-    except ImportError:  # transformers 4: the slow CLIPImageProcessor is the PIL one
-        from transformers import CLIPImageProcessor as cls
-    return cls
-
-
-def _load_image_processor(folder: Path, key: str) -> Any:
-    """The folder's CLIP image processor (PIL backend, as the reference ran it); CLIP's defaults if it has none."""
-    cls = _pil_processor_class()
-    if not (folder / "preprocessor_config.json").is_file():
-        return cls()
-    try:
-        return cls.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{key}: cannot load an image processor from {folder}: {_one_line(e)}") from e
-
-
-def _spec_dict(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"rewards.{name}: expected a mapping of settings, got {type(spec).__name__}")
-    return {str(k): v for k, v in spec.items() if v is not None}
-
-
-def build_image_reward(name: str, spec: Mapping[str, Any], device: torch.device | str | None = None) -> Reward:
-    """The reward ``rewards.<name>`` from its spec.
-
-    ``spec["function"] = "module:function"`` makes a :class:`~rtdmd.rewards.plugin.PluginReward` (keys
-    ``function``, ``differentiable``). Otherwise the kind is ``spec["kind"]`` or ``name``, one of
-    ``clipscore`` / ``pickscore`` (``path``: model folder; optional ``processor_path``, default ``path``;
-    ``tokenizer_path``, default ``processor_path``), ``hpsv2`` (``path``: the HPS v2.1 open_clip checkpoint,
-    ``.pt`` or ``.safetensors``; ``tokenizer_path``: a CLIP tokenizer folder), ``aesthetic`` (``path``: the
-    predictor's weights, ``.pth`` or ``.safetensors``; ``clip_path``: the CLIP ViT-L/14 folder; optional
-    ``processor_path``, default ``clip_path``). ``weight``/``backprop`` are accepted and ignored (the mixture's);
-    ``None`` values count as unset, and so does ``differentiable: false`` on a built-in kind. Unknown, missing or
-    wrong keys raise a one-line ``ValueError`` naming ``rewards.<name>.<key>``. Never downloads.
-    """
-    s = _spec_dict(name, spec)
-    if "function" in s:
-        from .plugin import PluginReward
-
-        allowed = _PLUGIN_KEYS | _MIXTURE_KEYS
-        for k in s:
-            if k not in allowed:
-                raise ValueError(f"rewards.{name}.{k}: unknown key for a plug-in reward "
-                                 f"(known: {', '.join(sorted(allowed))})")
-        if s.get("kind", "plugin") != "plugin":
-            raise ValueError(f"rewards.{name}.kind: a reward with a function is a plug-in; got kind {s['kind']!r}")
-        diff = s.get("differentiable", False)
-        if not isinstance(diff, bool):
-            raise ValueError(f"rewards.{name}.differentiable: expected true or false, got {diff!r}")
-        return PluginReward(name, s["function"], differentiable=diff, key=f"rewards.{name}.function")
-
-    kind = s.get("kind", name)
-    if kind in _OWN_MODULE_KINDS:
-        import importlib
-
-        module, builder = _OWN_MODULE_KINDS[kind]
-        return getattr(importlib.import_module(f".{module}", __package__), builder)(name, s, device=device)
-    if kind not in _KIND_KEYS:
-        where = f"rewards.{name}.kind" if "kind" in s else f"rewards.{name}"
-        raise ValueError(f"{where}: unknown image reward kind {kind!r} (known: {', '.join(IMAGE_REWARD_KINDS)}; "
-                         f"or set rewards.{name}.function to 'module:function')")
-    required, optional = _KIND_KEYS[kind]
-    if s.get("differentiable") is False:  # the config's default for every entry; only a plug-in may set it
-        del s["differentiable"]
-    for k in s:
-        if k not in required | optional | _MIXTURE_KEYS:
-            extra = " (only plug-in rewards take it)" if k in _PLUGIN_KEYS else ""
-            raise ValueError(f"rewards.{name}.{k}: unknown key for the {kind} reward{extra} "
-                             f"(known: {', '.join(sorted(required | optional))})")
-    for k in sorted(required):
-        if k not in s:
-            raise ValueError(f"rewards.{name}.{k}: required for the {kind} reward")
-    key = f"rewards.{name}"
-
-    if kind in ("clipscore", "pickscore"):
-        model_dir = _folder(s, name, "path")
-        proc_key = "processor_path" if "processor_path" in s else "path"
-        proc_dir = _folder(s, name, proc_key)
-        tok_key = "tokenizer_path" if "tokenizer_path" in s else proc_key
-        tok_dir = _folder(s, name, tok_key)
-        model = _load_clip_model(model_dir, f"{key}.path")
-        tokenizer = _load_tokenizer(tok_dir, f"{key}.{tok_key}")
-        processor = _load_image_processor(proc_dir, f"{key}.{proc_key}")
-        if kind == "pickscore":
-            return PickScore(model, tokenizer, processor, name=name, device=device)
-        resize, crop, mean, std = processor_transform(processor)
-        return CLIPScore(model, tokenizer, resize=resize, crop=crop, mean=mean, std=std, name=name, device=device)
-
-    if kind == "hpsv2":
-        from .hps import load_open_clip_checkpoint
-
-        ckpt = _file(s, name, "path")
-        tokenizer = _load_tokenizer(_folder(s, name, "tokenizer_path"), f"{key}.tokenizer_path")
-        model = load_open_clip_checkpoint(ckpt, eos_token_id=tokenizer.eos_token_id, device=device,
-                                          key=f"{key}.path")
-        vocab = model.config.text_config.vocab_size
-        if len(tokenizer) > vocab:
-            raise ValueError(f"{key}.tokenizer_path: the tokenizer has {len(tokenizer)} tokens, the HPS model's "
-                             f"vocabulary {vocab}")
-        return HPSv2(model, tokenizer, name=name, device=device)
-
-    # aesthetic
-    from .hps import read_state_dict
-
-    head = build_aesthetic_head(read_state_dict(_file(s, name, "path"), key=f"{key}.path"), key=f"{key}.path")
-    clip_dir = _folder(s, name, "clip_path")
-    proc_key = "processor_path" if "processor_path" in s else "clip_path"
-    processor = _load_image_processor(_folder(s, name, proc_key), f"{key}.{proc_key}")
-    model = _load_clip_model(clip_dir, f"{key}.clip_path")
-    if head.in_features != model.config.projection_dim:
-        raise ValueError(f"{key}.path: the predictor takes {head.in_features}-d embeddings, the CLIP model at "
-                         f"{clip_dir} gives {model.config.projection_dim}")
-    return Aesthetic(model, head, processor, name=name, device=device)

@@ -58,15 +58,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._load import one_line, read_state_dict, unused_keys_message
 from .base import Reward
-from .image import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ImageReward,
-    normalize,
-    resize_shorter_center_crop,
-    unused_keys_message,
-)
+from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageReward, normalize, resize_shorter_center_crop
 
 __all__ = [
     "IMAGEREWARD_MAX_LENGTH", "IMAGEREWARD_MEAN", "IMAGEREWARD_STD", "ImageRewardConfig", "ImageRewardHead",
@@ -329,8 +323,6 @@ def load_imagereward_checkpoint(path: str | Path, *, config: ImageRewardConfig |
                                 device: torch.device | str | None = None, key: str = "path") -> ImageRewardModel:
     """A frozen float32 :class:`ImageRewardModel` from ``ImageReward.pt`` (or a ``.safetensors`` of the same state
     dict). Every error is a one-line ``ValueError`` naming ``key`` and the file."""
-    from .hps import read_state_dict
-
     sd = read_state_dict(path, key=key)
     try:
         config, converted = convert_imagereward_state_dict(sd, config)
@@ -363,15 +355,10 @@ def load_blip_tokenizer(folder: str | Path, *, key: str = "tokenizer_path") -> A
     try:
         tok = BertTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{key}: cannot load a BERT tokenizer from {p}: {_first_line(e)}") from e
+        raise ValueError(f"{key}: cannot load a BERT tokenizer from {p}: {one_line(e)}") from e
     tok.add_special_tokens({"bos_token": BLIP_BOS_TOKEN})
     tok.add_special_tokens({"additional_special_tokens": [BLIP_ENC_TOKEN]})
     return tok
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .base import Reward
-from .image import quantize_uint8
+from .base import Reward, quantize_uint8
 
 __all__ = ["PluginReward", "resolve_function"]
 
