@@ -110,7 +110,8 @@ def run_one(setting: str, tiny: bool, samples: int) -> dict:
     core = build(tiny, device, dtype)
     over = [f"stage2.{k}={str(v).lower()}" for k, v in SETTINGS[setting].items()]
     over += ["model.path=/unused", "data.train_prompts=/unused.txt", f"stage2.group_size={samples}",
-             "stage2.prompts_per_epoch=1", "stage2.num_batches=1", f"stage2.sample_batch_size={samples}",
+             "stage2.prompts_per_epoch=1",
+             "stage2.sampling_batches=1", "stage2.num_batches=1", f"stage2.sample_batch_size={samples}",
              f"stage2.fake_batch_size={min(samples, 8)}", "stage2.bp_batch_size=0", "model.lora_rank=32",
              "model.lora_alpha=64", "model.teacher_guidance=4.5", "device=cpu"]
     cfg = load_config("sd35m", overrides=over)

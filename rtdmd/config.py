@@ -187,6 +187,7 @@ class Stage1Config:
     consistency_weight: float = field(default=0.01, metadata=_rng(0))  # its weight γ
     consistency_epsilon: int = field(default=200, metadata=_rng(1))  # δ ~ U{1..ε} timesteps
     rollout_checkpoint: bool = True  # rk.checkpointed_rollout: keep only the grad step's input
+    rank_shared_timesteps: bool = False  # t_r, δ shared by the ranks as the reference's broadcast (method.md §13.23)
     fake_gradient_checkpointing: bool = True  # the fake score's blocks (the reference: on in stage 1)
     checkpoint_every: int = field(default=500, metadata=_rng(1))  # steps between checkpoints
     keep_checkpoints: int = field(default=2, metadata=_rng(1))  # newest stage-1 checkpoints kept
@@ -199,6 +200,7 @@ class Stage2Config:
     steps: int = field(default=100, metadata=_rng(0))  # epochs: one rollout, one fake and one generator step
     group_size: int = field(default=24, metadata=_rng(2))  # K samples per prompt per epoch
     prompts_per_epoch: int = field(default=0, metadata=_rng(0))  # 0 = every prompt each epoch
+    sampling_batches: int = field(default=1, metadata=_rng(1))  # draws of distinct prompts per epoch (reference: 16)
     num_batches: int = field(default=16, metadata=_rng(1))  # policy sub-batches per epoch (grad accumulation)
     lr: float = field(default=3e-6, metadata=_rng(0, lo_ex=True))  # AdamW learning rate of the generator
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999],
@@ -440,6 +442,12 @@ def validate(cfg: Config) -> None:
     if s2.ppo_steps > s2.ppo_step_range[1] - s2.ppo_step_range[0] + 1:
         raise ConfigError(f"config key 'stage2.ppo_steps' must be <= the size of stage2.ppo_step_range "
                           f"{s2.ppo_step_range}, got {s2.ppo_steps}")
+    if s2.prompts_per_epoch == 0 and s2.sampling_batches != 1:
+        raise ConfigError("config key 'stage2.sampling_batches' must be 1 when stage2.prompts_per_epoch is 0 "
+                          f"(every prompt once per epoch), got {s2.sampling_batches}")
+    if s2.prompts_per_epoch % s2.sampling_batches:
+        raise ConfigError(f"config key 'stage2.prompts_per_epoch' must be a multiple of stage2.sampling_batches = "
+                          f"{s2.sampling_batches}, got {s2.prompts_per_epoch}")
     if s2.bp_steps > n_steps:
         raise ConfigError(f"config key 'stage2.bp_steps' must be <= the number of sampler steps {n_steps}, "
                           f"got {s2.bp_steps}")

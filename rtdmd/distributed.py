@@ -301,11 +301,3 @@ def check_resume_world(saved: int | None, env: DistEnv, where: str) -> None:
         raise ValueError(f"{where} was saved by {saved} process(es); resume it with the same number "
                          f"(torchrun --nproc_per_node {saved}), not {env.world}")
 
-
-def k_repeat_order(seed: int, epoch: int, n: int) -> list[int]:
-    """The global order of an epoch's ``n`` samples (method.md §5.2): a seeded shuffle of the prompt-repeated list, so a
-    prompt's K samples spread over the ranks; a pure function of (seed, epoch), the same on every rank."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + 104729) % 2**63)
-    return torch.randperm(n, generator=g).tolist()
-
-

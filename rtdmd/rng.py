@@ -60,3 +60,48 @@ def integers(seed: int, stream: str, step: int, low: int, high: int, size: int |
     rng = np.random.default_rng(derive_seed(seed, stream, step))
     out = rng.integers(low, high, size=size)
     return int(out) if size is None else out
+
+
+def permutation(seed: int, stream: str, step: int, n: int, index: int = -1) -> list[int]:
+    """A permutation of ``range(n)`` shared by every rank: a pure function of ``(seed, stream, step, index)``."""
+    return torch.randperm(n, generator=generator(seed, stream, step, index)).tolist()
+
+
+def epoch_batch(seed: int, stream: str, step: int, n: int, batch: int) -> list[int]:
+    """Indices (into ``n`` items) of global batch ``step`` of a shuffling sampler without replacement: every
+    epoch is a fresh permutation cut into ``n // batch`` batches, the incomplete rest dropped (what
+    ``DistributedSampler(shuffle=True, drop_last=True)`` under a ``drop_last`` loader yields). With fewer items
+    than a batch, batches run on across epochs, so an item repeats within a batch only then."""
+    if n < 1 or batch < 1:
+        raise ValueError(f"epoch_batch needs n >= 1 and batch >= 1, got n={n}, batch={batch}")
+    if n >= batch:
+        per_epoch = n // batch
+        epoch, pos = divmod(step, per_epoch)
+        return permutation(seed, stream, epoch, n)[pos * batch:(pos + 1) * batch]
+    first = step * batch
+    return [permutation(seed, stream, p // n, n)[p % n] for p in range(first, first + batch)]
+
+
+def k_repeat_epoch(seed: int, epoch: int, n_prompts: int, group_size: int, prompts_per_epoch: int = 0,
+                   sampling_batches: int = 1) -> list[int]:
+    """Prompt indices of an epoch's samples, the K-repeat sampler (docs/method.md §5.2): ``sampling_batches``
+    batches, each drawing ``prompts_per_epoch / sampling_batches`` distinct prompts afresh (so a prompt can recur
+    in a later batch of the epoch and its group grow past K, as in the reference) and repeating each
+    ``group_size`` times in a seeded order that spreads a group over the ranks; ``prompts_per_epoch = 0``: every
+    prompt once, in one batch. A pure function of its arguments: the same list on every rank."""
+    if prompts_per_epoch == 0:
+        batches, per = 1, n_prompts
+    else:
+        batches, per = sampling_batches, prompts_per_epoch // sampling_batches
+        if per * batches != prompts_per_epoch:
+            raise ValueError(f"prompts_per_epoch ({prompts_per_epoch}) must be a multiple of sampling_batches "
+                             f"({sampling_batches})")
+    if per > n_prompts:
+        raise ValueError(f"{per} distinct prompts per sampling batch, but there are only {n_prompts} prompts")
+    out: list[int] = []
+    for b in range(batches):
+        chosen = range(n_prompts) if per == n_prompts else \
+            permutation(seed, "stage2/prompts", epoch, n_prompts, b)[:per]
+        repeated = [p for p in chosen for _ in range(group_size)]
+        out += [repeated[i] for i in permutation(seed, "stage2/k_repeat", epoch, len(repeated), b)]
+    return out

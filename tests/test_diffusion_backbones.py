@@ -75,8 +75,9 @@ def tiny_config(folders, kind: str, tmp_path: Path, extra: dict | None = None, p
         "red": {"function": "test_diffusion_backbones:redness", "weight": 0.5},
     }
     data["stage1"].update(steps=2, batch_size=2, fake_update_ratio=1, checkpoint_every=1)
-    data["stage2"].update(steps=1, group_size=2, prompts_per_epoch=2, num_batches=2, sample_batch_size=2,
-                          fake_batch_size=2, bp_batch_size=1, decode_batch_size=2, aux_weight=1.0, bp_scale=1.0)
+    data["stage2"].update(steps=1, group_size=2, prompts_per_epoch=2, sampling_batches=2, num_batches=2,
+                          sample_batch_size=2, fake_batch_size=2, bp_batch_size=1, decode_batch_size=2,
+                          aux_weight=1.0, bp_scale=1.0)
     data["log"].update(progress=False, interval=1)
     for section, values in (extra or {}).items():
         data[section].update(values)

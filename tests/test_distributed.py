@@ -58,10 +58,16 @@ def test_one_step_on_two_ranks_equals_one_process(tmp_path, strategy):
         assert two[k] == pytest.approx(one[k], rel=2e-5, abs=1e-7), k
     w1, w2 = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("one", "two"))
     assert w1.keys() == w2.keys()
-    changed = 0
+    # Adam's first step moves a weight by about lr * sign(g): where |g| is at rounding level (the two runs sum the
+    # batch in different orders) an element may move differently, by at most the learning rate (1e-4 / 3e-4 here).
+    # Everything else must agree to float32 rounding, and such elements must stay rare.
+    changed, off, total = 0, 0, 0
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
-        changed += k.startswith("generator.")
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=3e-4, msg=k)
+        off += int((~torch.isclose(w2[k], w1[k], rtol=1e-5, atol=1e-6)).sum())
+        total += w1[k].numel()
+        changed += k.startswith("generator.") and not torch.equal(w1[k], w1[k.replace("generator.", "ema.", 1)])
+    assert off <= 1e-3 * total, f"{off} of {total} weights differ beyond rounding"
     assert changed > 0
 
 

@@ -29,7 +29,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SHRINK = ["--device", "cpu", "--set", "model.dtype=float32", "--set", "model.resolution=64",
           "--set", "model.lora_rank=4", "--set", "model.lora_alpha=8", "--set", "stage1.steps=1",
           "--set", "stage1.batch_size=2", "--set", "stage1.fake_update_ratio=1", "--set", "stage2.steps=1",
-          "--set", "stage2.group_size=2", "--set", "stage2.prompts_per_epoch=2", "--set", "stage2.num_batches=2",
+          "--set", "stage2.group_size=2", "--set", "stage2.prompts_per_epoch=2", "--set", "stage2.sampling_batches=2",
+          "--set", "stage2.num_batches=2",
           "--set", "stage2.sample_batch_size=2", "--set", "stage2.fake_batch_size=2", "--set", "stage2.bp_batch_size=1",
           "--set", "log.progress=false", "--set", "distributed.strategy=none"]
 

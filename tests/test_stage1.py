@@ -8,6 +8,7 @@ from stage_checks import assert_resume_equals_straight
 
 import rtdmd_kernels as rk
 from rtdmd import checkpoint as ck
+from rtdmd import rng
 from rtdmd.config import load_config
 from rtdmd.evaluate import ToyEvaluator, generate_samples
 from rtdmd.models.toy import ExactTeacher, build_network, build_world, pretrain_base
@@ -73,25 +74,57 @@ def test_step_schedule_uses_the_ratio(cache):
 
 
 def test_subinterval_draws_follow_spec():
+    """t_r is continuous on [1000 σ_s + 10, 1000) from the schedule's exact σ_s (0.9 -> 910, not the bf16 σ's 908),
+    clamped to [20, 980]; σ' = max(t_r - δ, 0)/1000 with integer δ in 1..200."""
     cfg = load_config("toy").stage1
     n = 4000
     for sigma_s in (0.0, 0.5, 0.9):
-        s = draw_subinterval(0, "t", 0, range(n), torch.full((n,), sigma_s), (4, 8, 8), cfg)
-        lo = round(1000 * sigma_s) + 10
-        assert s.t_r.min() >= max(lo, 20) and s.t_r.max() <= 980
+        s = draw_subinterval(0, "t", 0, range(n), sigma_s, (4, 8, 8), cfg)
+        lo = 1000 * sigma_s + 10
+        assert s.t_r.dtype == torch.float32 and s.t_r.min() >= max(lo, 20) and s.t_r.max() <= 980
+        assert (s.t_r != s.t_r.round()).float().mean() > 0.5  # a float draw, not a whole timestep
+        assert s.t_r.min() < max(lo, 20) + 1  # the range starts at the exact σ_s (910 for 0.9)
         if sigma_s == 0.9:
             assert 0.15 < (s.t_r == 980).float().mean() < 0.30  # the clamp's point mass (docs/method.md §13.7: 22%)
-        assert torch.equal(s.sigma_t, s.t_r.float() / 1000)
-        delta = s.t_r - torch.round(s.sigma_p * 1000).long()
-        assert delta.min() >= 0 and delta.max() <= 200
+        assert torch.equal(s.sigma_t, s.t_r / 1000)
+        t_p = s.sigma_p.double() * 1000
+        delta = (s.t_r.double() - t_p)[t_p > 0]
+        assert torch.allclose(delta, delta.round(), atol=1e-3) and delta.min() >= 1 - 1e-3 and delta.max() <= 200.001
     assert chain_round(torch.tensor([0.9]), torch.bfloat16).item() == 0.8984375
+
+
+def test_rank_shared_timesteps_draw_by_local_position():
+    """timestep_indices (stage1.rank_shared_timesteps) gives every rank the same t_r and δ, as the reference's
+    broadcast from rank 0; the noises stay per global sample."""
+    cfg = load_config("toy").stage1
+    rank0 = draw_subinterval(0, "t", 3, range(0, 4), 0.5, (4, 8, 8), cfg, timestep_indices=range(4))
+    rank1 = draw_subinterval(0, "t", 3, range(4, 8), 0.5, (4, 8, 8), cfg, timestep_indices=range(4))
+    own = draw_subinterval(0, "t", 3, range(4, 8), 0.5, (4, 8, 8), cfg)
+    assert torch.equal(rank0.t_r, rank1.t_r) and torch.equal(rank0.sigma_p, rank1.sigma_p)
+    assert not torch.equal(rank1.t_r, own.t_r) and torch.equal(rank1.xi_r, own.xi_r)
+    assert not torch.equal(rank0.xi_r, rank1.xi_r)
+
+
+def test_prompt_batches_are_drawn_without_replacement():
+    """rng.epoch_batch: every epoch a fresh permutation, n // B full batches, the rest dropped; fewer items than
+    a batch run on across epochs."""
+    n, b = 10, 3
+    epoch0 = [rng.epoch_batch(0, "p", step, n, b) for step in range(3)]
+    flat = [i for batch in epoch0 for i in batch]
+    assert len(set(flat)) == 9 and all(len(x) == b for x in epoch0)
+    assert rng.epoch_batch(0, "p", 3, n, b) == rng.permutation(0, "p", 1, n)[:3]  # the next epoch
+    small = [rng.epoch_batch(0, "p", step, 2, 3) for step in range(2)]
+    assert [i for x in small for i in x] == rng.permutation(0, "p", 0, 2) + rng.permutation(0, "p", 1, 2) + \
+        rng.permutation(0, "p", 2, 2)
+    with pytest.raises(ValueError):
+        rng.epoch_batch(0, "p", 0, 0, 3)
 
 
 def test_fake_score_loss_falls_on_a_fixed_generator(cache):
     """Fake updates alone, generator frozen: the fake's loss on a held-out batch of generator samples falls."""
     cfg, world, base, s, loop = make(["stage1.fake_lr=1e-3"])
     sigma_s = torch.full((16,), 0.0)
-    held_sub = draw_subinterval(99, "held", 0, range(16), sigma_s, world.latent_shape, cfg.stage1)
+    held_sub = draw_subinterval(99, "held", 0, range(16), 0.0, world.latent_shape, cfg.stage1)
     x_s = loop_sample(loop, 12345)
 
     def held_loss():

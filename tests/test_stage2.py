@@ -10,6 +10,7 @@ from stage_checks import assert_resume_equals_straight
 
 import rtdmd_kernels as rk
 from rtdmd import checkpoint as ck
+from rtdmd import rng
 from rtdmd.config import load_config
 from rtdmd.evaluate import ToyEvaluator, generate_samples
 from rtdmd.models.toy import ExactTeacher, build_network, build_world, pretrain_base
@@ -45,6 +46,25 @@ def make(tmp_path, overrides=()):
         stage1_run(cfg, world, tmp_path / "s1")
     state = init_state(ck.latest_checkpoint(tmp_path / "s1", stage=1), cfg, lambda: build_network(world, cfg.model))
     return cfg, world, state, Stage2(state, ExactTeacher(world), world.prompts(), build_rewards(cfg, world), cfg, CPU)
+
+
+def test_k_repeat_sampler_draws_each_sampling_batch_afresh():
+    """The reference's K-repeat sampler: each sampling batch holds distinct prompts, K times each, drawn afresh,
+    so a prompt can recur within an epoch (its group grows to 2K); prompts_per_epoch 0 runs every prompt once."""
+    grown = 0
+    for epoch in range(20):
+        order = rng.k_repeat_epoch(0, epoch, 6, 3, prompts_per_epoch=4, sampling_batches=2)
+        assert len(order) == 12 and order == rng.k_repeat_epoch(0, epoch, 6, 3, 4, 2)
+        for half in (order[:6], order[6:]):
+            assert len(set(half)) == 2 and all(half.count(p) == 3 for p in set(half))
+        grown += max(order.count(p) for p in set(order)) == 6
+    assert 0 < grown < 20
+    every = rng.k_repeat_epoch(0, 1, 5, 4)
+    assert sorted(every) == sorted(list(range(5)) * 4) and every != sorted(every)
+    with pytest.raises(ValueError, match="only 6 prompts"):
+        rng.k_repeat_epoch(0, 0, 6, 3, prompts_per_epoch=14, sampling_batches=2)
+    with pytest.raises(ValueError, match="multiple"):
+        rng.k_repeat_epoch(0, 0, 6, 3, prompts_per_epoch=5, sampling_batches=2)
 
 
 def test_subgrpo_step_subsets_and_shared_noise():

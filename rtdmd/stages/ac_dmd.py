@@ -121,12 +121,15 @@ class Stage1:
         b = self.s1.batch_size
         # this rank's block of the global batch (all of it on one process): the RNG contract draws by global index
         self.indices = list(current().split(b, "stage1.batch_size"))
+        # t_r and δ by local position share them over the ranks (the reference broadcasts them from rank 0)
+        self.timestep_indices = list(range(len(self.indices))) if self.s1.rank_shared_timesteps else None
         self.prompt_pool = list(prompts)
         if not self.prompt_pool:
             raise ValueError("stage 1 needs at least one prompt")
         # The toy's few prompts are balanced (sample i conditions on prompt i mod P) and encoded once; a prompt
-        # data set is drawn per step (and per update) from the RNG contract.
+        # file is read in shuffled batches, one per step (the fake and generator updates share it).
         self.fixed = cfg.model.kind == "toy"
+        self._conds_step, self._conds_cache = -1, None
         if self.fixed:
             self.prompts = [prompts[i % len(prompts)] for i in self.indices]
             self.fixed_conds = self._encode(self.prompts)
@@ -139,12 +142,17 @@ class Stage1:
         cond = self.teacher.encode(prompts)
         return cond, encode_for(self.s.generator, prompts, cond, like=self.teacher)
 
-    def _conds(self, name: str, step: int):
+    def _conds(self, step: int):
+        """The step's conditioning, shared by its fake-score and generator updates: the toy's fixed prompts, or
+        global batch ``step`` of a shuffled pass over the prompt file without replacement, as the reference's
+        ``DistributedSampler`` (``rng.epoch_batch``); this rank keeps its block."""
         if self.fixed:
             return self.fixed_conds
-        pick = rng.integers(self.cfg.seed, f"{STREAM}/{name}/prompts", step, 0, len(self.prompt_pool),
-                            size=self.s1.batch_size)  # the global batch's draw; this rank keeps its block
-        return self._encode([self.prompt_pool[int(pick[i])] for i in self.indices])
+        if step != self._conds_step:
+            pick = rng.epoch_batch(self.cfg.seed, f"{STREAM}/prompts", step, len(self.prompt_pool),
+                                   self.s1.batch_size)
+            self._conds_step, self._conds_cache = step, self._encode([self.prompt_pool[pick[i]] for i in self.indices])
+        return self._conds_cache
 
     # ------------------------------------------------------------------ pieces of one step
     def _stop(self, name: str, step: int) -> int:
@@ -163,11 +171,11 @@ class Stage1:
     def fake_update(self, step: int) -> dict[str, torch.Tensor]:
         stop = self._stop("fake", step)
         x_t, noises, sigmas, sigma_s = self._unroll_inputs("fake", step, stop)
-        cond, gen_cond = self._conds("fake", step)
+        cond, gen_cond = self._conds(step)
         x_s = sample(self.s.generator.velocity_fn(gen_cond), x_t, sigmas, eta=self.eta, noises=noises)
-        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", step, self.indices, sigma_s,
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", step, self.indices, self.sigmas[stop],
                                self.s.generator.latent_shape, self.s1, device=self.device,
-                               consistency=self.s1.consistency)
+                               consistency=self.s1.consistency, timestep_indices=self.timestep_indices)
         loss, stats = fake_score_objective(self.s.fake, x_s, sigma_s, gen_cond, sub, self.s1, eta=self.eta)
         loss.backward()
         stats["fake_grad_norm"] = self.guard.step(self.s.fake, self.s.fake_opt, self.s1.grad_clip, step, stats,
@@ -177,11 +185,12 @@ class Stage1:
     def generator_update(self, step: int) -> dict[str, torch.Tensor]:
         stop = self._stop("gen", step)
         x_t, noises, sigmas, sigma_s = self._unroll_inputs("gen", step, stop)
-        cond, gen_cond = self._conds("gen", step)
+        cond, gen_cond = self._conds(step)
         x_s = rk.checkpointed_rollout(self.s.generator.velocity_fn(gen_cond), x_t, sigmas, eta=self.eta,
                                       noises=noises, grad_steps=1, checkpoint=self.s1.rollout_checkpoint)
-        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/gen", step, self.indices, sigma_s,
-                               self.s.generator.latent_shape, self.s1, device=self.device, consistency=False)
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/gen", step, self.indices, self.sigmas[stop],
+                               self.s.generator.latent_shape, self.s1, device=self.device, consistency=False,
+                               timestep_indices=self.timestep_indices)
         loss, stats = generator_ac_dmd_loss(x_s, sigma_s, cond, self.uncond, self.teacher, self.s.fake, sub,
                                             guidance=self.guidance, eta=self.eta)
         loss.backward()  # teacher and fake ran under no_grad: only the generator gets gradient

@@ -79,10 +79,10 @@ def chain_round(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class SubInterval:
-    """Per-sample draws of one AC-DMD sub-interval (docs/method.md §4.1-§4.2): renoise timestep ``t_r`` (int),
-    ``sigma_t = t_r/1000`` (fp32, what the model sees), the renoise noise ``xi_r``, the shared transition
-    noise ``xi_tr`` of the generator loss, and the consistency target ``sigma_p = max(t_r - δ, 0)/1000``
-    with its two transition noises."""
+    """Per-sample draws of one AC-DMD sub-interval (docs/method.md §4.1-§4.2): the renoise timestep ``t_r`` (a
+    float, as the reference draws it), ``sigma_t = t_r/1000`` (fp32, what the model sees), the renoise noise
+    ``xi_r``, the shared transition noise ``xi_tr`` of the generator loss, and the consistency target
+    ``sigma_p = max(t_r - δ, 0)/1000`` with its two transition noises."""
 
     t_r: torch.Tensor
     sigma_t: torch.Tensor
@@ -97,28 +97,36 @@ class SubInterval:
         return SubInterval(**{k: (v[index] if v.numel() else v) for k, v in vars(self).items()})
 
 
-def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], sigma_s: torch.Tensor,
+def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], sigma_s: float,
                      latent_shape: Sequence[int], cfg, *, device: torch.device | str = "cpu",
-                     consistency: bool = True) -> SubInterval:
-    """``t_r ~ U{1000σ_s + offset, ..., max(1000, 1000σ_s + offset + 1) - 1}`` clamped to ``[renoise_min,
-    renoise_max]``, ``δ ~ U{1..consistency_epsilon}``; noises from the per-sample RNG contract."""
+                     consistency: bool = True, timestep_indices: Sequence[int] | None = None) -> SubInterval:
+    """``t_r ~ U[1000σ_s + offset, max(1000, 1000σ_s + offset + 1))`` (continuous) clamped to ``[renoise_min,
+    renoise_max]``, ``δ ~ U{1..consistency_epsilon}``; noises from the per-sample RNG contract.
+
+    ``sigma_s`` is the schedule's exact level (a Python float: 0.9 gives the range from 910, as the reference;
+    the chain's rounded σ_s is only for the renoise arithmetic). ``t_r`` and δ are drawn by
+    ``timestep_indices`` (default: the global ``indices``); passing every rank the same local positions shares
+    them over the ranks, as the reference's broadcast from rank 0 does in stage 1 (docs/method.md §13.23)."""
     n = len(indices)
-    lo = torch.round(sigma_s.double().cpu() * NUM_TRAIN_TIMESTEPS) + cfg.renoise_offset
-    hi = torch.clamp(lo + 1, min=NUM_TRAIN_TIMESTEPS)
-    t_r = torch.floor(lo + rng.uniform(seed, f"{stream}/t_r", step, indices) * (hi - lo)).long()
-    t_r = t_r.clamp(cfg.renoise_min, cfg.renoise_max)
-    delta = 1 + torch.floor(rng.uniform(seed, f"{stream}/delta", step, indices) * cfg.consistency_epsilon).long()
-    t_p = torch.clamp(t_r - delta, min=0)
+    empty = torch.empty(0)
+    if not n:
+        return SubInterval(*(empty,) * 7)
+    at = indices if timestep_indices is None else timestep_indices
+    lo = float(sigma_s) * NUM_TRAIN_TIMESTEPS + cfg.renoise_offset
+    hi = max(float(NUM_TRAIN_TIMESTEPS), lo + 1.0)
+    t_r = (lo + rng.uniform(seed, f"{stream}/t_r", step, at) * (hi - lo)).float()
+    t_r = t_r.clamp(float(cfg.renoise_min), float(cfg.renoise_max))
+    delta = 1 + torch.floor(rng.uniform(seed, f"{stream}/delta", step, at) * cfg.consistency_epsilon)
+    t_p = torch.clamp(t_r - delta.float(), min=0.0)
 
     def noise(name):
         return rng.normal(seed, f"{stream}/{name}", step, indices, latent_shape, device=device)
 
-    empty = torch.empty(0)
     return SubInterval(
-        t_r=t_r.to(device), sigma_t=(t_r.float() / NUM_TRAIN_TIMESTEPS).to(device), xi_r=noise("xi_r"),
-        xi_tr=noise("xi_tr"), sigma_p=(t_p.float() / NUM_TRAIN_TIMESTEPS).to(device),
+        t_r=t_r.to(device), sigma_t=(t_r / NUM_TRAIN_TIMESTEPS).to(device), xi_r=noise("xi_r"),
+        xi_tr=noise("xi_tr"), sigma_p=(t_p / NUM_TRAIN_TIMESTEPS).to(device),
         xi_1=noise("xi_1") if consistency else empty, xi_2=noise("xi_2") if consistency else empty,
-    ) if n else SubInterval(*(empty,) * 7)
+    )
 
 
 def fake_score_objective(fake: Backbone, x_s: torch.Tensor, sigma_s: torch.Tensor, cond: Cond, sub: SubInterval,

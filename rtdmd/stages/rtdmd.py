@@ -29,7 +29,7 @@ import rtdmd_kernels as rk
 
 from .. import checkpoint as ck
 from .. import rng
-from ..distributed import current, k_repeat_order
+from ..distributed import current
 from ..models.base import Backbone
 from ..rewards import RewardMixture
 from ..sampler import Rollout, rollout
@@ -165,17 +165,12 @@ class Stage2:
 
     # ------------------------------------------------------------------ rollout
     def epoch_prompts(self, epoch: int) -> list[str]:
-        """The K-repeat sampler (docs/method.md §5.2): every prompt (``prompts_per_epoch = 0``) or a seeded subset, each
-        exactly K times, in a seeded global order so that a group spreads over the ranks. The same list on
-        every rank (pure function of seed and epoch); sample ``i`` of the epoch is ``list[i]``."""
-        m = self.s2.prompts_per_epoch or len(self.all_prompts)
-        if m >= len(self.all_prompts):
-            chosen = self.all_prompts
-        else:
-            perm = rng.integers(self.cfg.seed, f"{STREAM}/prompts_perm", epoch, 0, 2**31, size=len(self.all_prompts))
-            chosen = [self.all_prompts[i] for i in sorted(range(len(self.all_prompts)), key=lambda i: perm[i])[:m]]
-        repeated = [p for p in chosen for _ in range(self.s2.group_size)]
-        return [repeated[i] for i in k_repeat_order(self.cfg.seed, epoch, len(repeated))]
+        """The epoch's prompts by the K-repeat sampler (:func:`rtdmd.rng.k_repeat_epoch`); sample ``i`` of the
+        epoch is ``list[i]``."""
+        s2 = self.s2
+        order = rng.k_repeat_epoch(self.cfg.seed, epoch, len(self.all_prompts), s2.group_size,
+                                   s2.prompts_per_epoch, s2.sampling_batches)
+        return [self.all_prompts[i] for i in order]
 
     def collect(self, epoch: int, ppo_steps: list[int]) -> EpochData:
         everyone = self.epoch_prompts(epoch)
@@ -219,7 +214,7 @@ class Stage2:
         n = x_s.shape[0]
         sigma_s = torch.zeros(n, device=self.device)
         objective = dataclasses.replace(self.s1, consistency=self.s2.consistency)  # stage 1's terms, stage 2's switch
-        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, data.index, sigma_s, self.shape, objective,
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, data.index, 0.0, self.shape, objective,
                                device=self.device, consistency=objective.consistency)
         total = {}
         for start in range(0, n, self.s2.fake_batch_size):
@@ -301,8 +296,7 @@ class Stage2:
                     x_s, _ = rk.cps_step(x_j, v, s, sn, eta=self.eta, noise=data.noises[sub_rows, j])
                     if s2.aux_weight > 0:
                         sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch,
-                                               [data.index[i] for i in row_list],
-                                               torch.full((len(sub_rows),), sn, device=self.device), self.shape,
+                                               [data.index[i] for i in row_list], sn, self.shape,
                                                self.s1, device=self.device, consistency=False)
                         l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(sub_rows),), sn, device=self.device),
                                                          encode_for(self.teacher, prompts, cond, like=gen),
