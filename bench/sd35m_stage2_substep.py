@@ -101,9 +101,10 @@ class CLIPImageReward:
 
 def run_one(setting: str, tiny: bool, samples: int) -> dict:
     from rtdmd.config import load_config
-    from rtdmd.models.diffusion import stage1_models
+    from rtdmd.distributed import DistEnv
+    from rtdmd.models.diffusion import stage1_models, stage2_models
     from rtdmd.rewards.base import RewardMixture, WeightedReward
-    from rtdmd.stages import rtdmd as stage2
+    from rtdmd.stages import Stage2, init_state
 
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16
@@ -117,9 +118,10 @@ def run_one(setting: str, tiny: bool, samples: int) -> dict:
     cfg = load_config("sd35m", overrides=over)
     gen1, fake1, _ = stage1_models(core, cfg)  # stage 1's (fresh) adapters stand in for a trained stage 1
     s1 = {"generator_ema": gen1.state_dict(), "fake_score": fake1.state_dict()}
-    state, teacher = stage2.init_lora_state(core, cfg, s1)
+    generator, fake, teacher = stage2_models(core, cfg, s1)
+    state = init_state(2, generator, fake, cfg)
     rewards = RewardMixture({"clip": WeightedReward(CLIPImageReward(tiny, device).reward, 1.0, backprop=True)})
-    loop = stage2.Stage2(state, teacher, ["a photo"], rewards, cfg, device)
+    loop = Stage2(state, teacher, ["a photo"], rewards, cfg, DistEnv(device=device))
     cuda = device.type == "cuda"
     loop.epoch(0)  # warm-up: allocator, autotuning, lazy inits
     if cuda:

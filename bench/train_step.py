@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from rtdmd.config import load_config  # noqa: E402
+from rtdmd.distributed import DistEnv  # noqa: E402
 from rtdmd.models import toy  # noqa: E402
-from rtdmd.stages.ac_dmd import Stage1, init_state  # noqa: E402
+from rtdmd.stages import Stage1, Stage2, init_state  # noqa: E402
 
 KERNEL_FUNCTIONS = ("_GeneratorLossFunction", "_RenoiseFunction", "_FakeScoreFunction", "_ConsistencyFunction",
                     "_CPSStepFunction", "_PolicyFunction")
@@ -37,14 +38,14 @@ def build_stage2(tmp_dir, overrides=(), device: str = "cpu"):
 
     from rtdmd import checkpoint as ck
     from rtdmd.rewards import build_rewards
-    from rtdmd.stages import rtdmd as stage2
 
     s1 = build_stage1(overrides, device)
-    s1.s.save(Path(tmp_dir), keep=1)
+    s1.s.save(Path(tmp_dir), keep=1, env=s1.env)
     cfg, world = s1.cfg, s1.teacher.world
-    state = stage2.init_state(ck.latest_checkpoint(Path(tmp_dir), stage=1), cfg,
-                              lambda: toy.build_network(world, cfg.model).to(device))
-    return stage2.Stage2(state, s1.teacher, world.prompts(), build_rewards(cfg, world), cfg, torch.device(device))
+    c = ck.load_checkpoint(ck.latest_checkpoint(Path(tmp_dir), stage=1))
+    state = init_state(2, *toy.stage_networks(world, cfg.model, c.modules["generator_ema"], c.modules["fake_score"],
+                                              device), cfg)
+    return Stage2(state, s1.teacher, world.prompts(), build_rewards(cfg, world), cfg, s1.env)
 
 
 def build_stage1(overrides=(), device: str = "cpu") -> Stage1:
@@ -53,8 +54,8 @@ def build_stage1(overrides=(), device: str = "cpu") -> Stage1:
     world = toy.build_world(cfg)
     torch.manual_seed(0)
     base = toy.build_network(world, cfg.model).to(device)
-    state = init_state(base, cfg, lambda: toy.build_network(world, cfg.model).to(device))
-    return Stage1(state, toy.ExactTeacher(world).to(device), world.prompts(), cfg, torch.device(device))
+    state = init_state(1, *toy.stage_networks(world, cfg.model, base.state_dict(), base.state_dict(), device), cfg)
+    return Stage1(state, toy.ExactTeacher(world).to(device), world.prompts(), cfg, DistEnv(device=torch.device(device)))
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -74,3 +75,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'device' is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A ``ValueError`` from loading the user's files (a wrong path, a folder that is not a model, a bad reward
+    entry) is a user error: one line and exit 2 through :func:`run_cli`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from e

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
-import json
 import math
 import re
 import types
@@ -31,7 +29,7 @@ from ._io import atomic_write_text
 __all__ = [
     "ConfigError", "Config", "ModelConfig", "ToyConfig", "ScheduleConfig", "RewardConfig", "Stage1Config",
     "Stage2Config", "DataConfig", "EvalConfig", "LogConfig", "DistributedConfig", "load_config", "config_from_dict",
-    "config_to_dict", "save_config", "section_hash", "available_presets", "validate", "changed_keys", "resumable",
+    "config_to_dict", "save_config", "available_presets", "validate", "changed_keys", "resumable",
     "RESUMABLE",
 ]
 
@@ -623,20 +621,3 @@ def load_config(preset: str | None = "toy", config_file: str | Path | None = Non
     for item in overrides:
         _apply_override(full, item)
     return config_from_dict(full)
-
-
-def section_hash(obj: Any) -> str:
-    """Stable 16-hex-char id (sha256 of canonical JSON) of a config section (dataclass) or dict, to key
-    caches such as the toy base network by the config that made it."""
-
-    def default(o: Any) -> Any:
-        if dataclasses.is_dataclass(o) and not isinstance(o, type):
-            return dataclasses.asdict(o)
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"section_hash: cannot hash {type(o).__name__}")
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default, allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -25,6 +25,7 @@ it) and says so otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .dtensor import full_tensor
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ class DistEnv:
         if not self.active or not values:
             return dict(values)
         keys = sorted(values)
-        flat = torch.stack([_local(values[k]).float().reshape(()) for k in keys]).to(self.device)
+        flat = torch.stack([full_tensor(values[k]).float().reshape(()) for k in keys]).to(self.device)
         dist.all_reduce(flat)
         flat /= self.world
         return {k: flat[i] for i, k in enumerate(keys)}
@@ -120,22 +123,24 @@ class DistEnv:
                 offset += g.numel()
 
     # ------------------------------------------------------------------ wrapping
-    def prepare(self, state, cfg) -> None:
-        """Wrap a stage state's networks for the strategy and rebuild its optimizers over the (possibly new)
-        parameters. ``ddp``: make rank 0's parameters everyone's. ``fsdp``: ``fully_shard`` generator, EMA and
-        fake score. Call before training or loading a checkpoint."""
+    def wrap(self, state):
+        """A stage state ready for the strategy: ``ddp`` gives every rank rank 0's parameters; ``fsdp`` shards
+        generator, EMA and fake score (``fully_shard`` converts the modules in place) and returns the state with
+        optimizers over the sharded parameters and a re-taken EMA shadow. Call before training or loading a
+        checkpoint; on one process the state comes back as it is."""
         if not self.active:
-            return
+            return state
         if self.strategy == "ddp":
             for module in _trained_modules(state):
                 for t in [*module.parameters(), *module.buffers()]:
                     dist.broadcast(t.data, src=0)
-            return
+            return state
         for module in _trained_modules(state):
             self.shard(module)
-        state.gen_opt = _rebuild(state.gen_opt, state.generator.parameters())
-        state.fake_opt = _rebuild(state.fake_opt, state.fake.parameters())
+        state = dataclasses.replace(state, gen_opt=_rebuild(state.gen_opt, state.generator.parameters()),
+                                    fake_opt=_rebuild(state.fake_opt, state.fake.parameters()))
         state.ema.reset_shadow()
+        return state
 
     def shard(self, module: nn.Module) -> None:
         """FSDP2 on ``module``: every transformer block, then the root (bf16 compute on GPU)."""
@@ -151,29 +156,6 @@ class DistEnv:
             fully_shard(block, mesh=self.mesh, mp_policy=mp)
         fully_shard(target, mesh=self.mesh, mp_policy=mp)
         target._rtdmd_sharded = True
-
-
-def resharded(*modules: nn.Module) -> None:
-    """Put FSDP2 modules back into their sharded state. FSDP2 keeps the root's parameters unsharded after a
-    forward (they are needed again in backward); after a no-grad forward (a rollout, an evaluation) they would
-    stay so, and an elementwise update against a sharded twin (the EMA) would mix tensors and DTensors."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in modules:
-        target = getattr(module, "fsdp_root", None)
-        target = target() if callable(target) else module
-        if isinstance(target, FSDPModule):
-            target.reshard()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if _is_dtensor(t) else t
-
-
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _trained_modules(state) -> list[nn.Module]:
@@ -204,63 +186,21 @@ def _rebuild(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torc
                      **{k: v for k, v in opt.defaults.items() if k in accepted})
 
 
-# ---------------------------------------------------------------------------------------------- full states
-def full_state(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """A module state dict with every DTensor gathered to a full tensor (a collective under FSDP)."""
-    return {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in sd.items()}
-
-
-def like_current(full: Mapping[str, torch.Tensor], current: Mapping[str, Any]) -> dict[str, Any]:
-    """``full`` tensors redistributed to the placement of the matching ``current`` entries (DTensor or not)."""
-    return {k: _like(v, current.get(k)) for k, v in full.items()}
-
-
-def _like(full: Any, ref: Any) -> Any:
-    """``full`` distributed as ``ref`` when ``ref`` is a DTensor of the same global shape, else unchanged."""
-    if not (_is_dtensor(ref) and torch.is_tensor(full) and full.shape == ref.shape):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
-
-
-def full_optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    sd = opt.state_dict()
-    sd["state"] = {i: full_state(s) for i, s in sd["state"].items()}
-    return sd
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, sd: Mapping[str, Any]) -> None:
-    """Load a full optimizer state into ``opt``, redistributing per-parameter tensors like the parameters."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {i: {k: _like(v, params[int(i)]) for k, v in s.items()} for i, s in sd["state"].items()}
-    opt.load_state_dict({**sd, "state": state})
-
-
 # ---------------------------------------------------------------------------------------------- setup
-_CURRENT = DistEnv()
-
-
-def current() -> DistEnv:
-    """This process's place in the run (a single-process :class:`DistEnv` until :func:`init` joins a group)."""
-    return _CURRENT
-
-
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init(strategy: str, device: torch.device) -> DistEnv:
-    """Join torchrun's process group (if launched by torchrun with more than one process) and check the strategy:
-    one process runs ``none`` whatever is asked (``ddp``/``fsdp`` on one process are the same computation);
-    several need ``ddp`` or ``fsdp``."""
-    global _CURRENT
+    """This process's :class:`DistEnv`, made once by the entry point and passed to what needs it: joins torchrun's
+    process group (if launched by torchrun with more than one process) and checks the strategy. One process runs
+    ``none`` whatever is asked (``ddp``/``fsdp`` on one process are the same computation); several need ``ddp``
+    or ``fsdp``."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {strategy!r}")
     world = env_world_size()
     if world <= 1:
-        _CURRENT = DistEnv(device=device)
-        return _CURRENT
+        return DistEnv(device=device)
     if strategy == "none":
         raise ValueError(f"distributed.strategy is 'none' but torchrun started {world} processes: "
                          "set it to ddp or fsdp")
@@ -276,15 +216,12 @@ def init(strategy: str, device: torch.device) -> DistEnv:
 
         mesh = init_device_mesh(device.type, (world,))
     log.info("rank %d of %d (%s, %s)", rank, world, strategy, device)
-    _CURRENT = DistEnv(rank=rank, world=world, local_rank=local_rank, strategy=strategy, device=device, mesh=mesh)
-    return _CURRENT
+    return DistEnv(rank=rank, world=world, local_rank=local_rank, strategy=strategy, device=device, mesh=mesh)
 
 
 def shutdown() -> None:
-    global _CURRENT
     if dist.is_initialized():
         dist.destroy_process_group()
-    _CURRENT = DistEnv()
 
 
 def broadcast_object(env: DistEnv, obj: Any) -> Any:

@@ -22,11 +22,11 @@ if __name__ == "__main__":  # before the first import of a trainer dependency: o
 import numpy as np
 
 from .checkpoint import load_latest
-from .cli import ArgumentParser, resolve_device, run_cli
+from .cli import ArgumentParser, resolve_device, run_cli, user_errors
 from .config import ConfigError
+from .rollout import generate
 from .run import RunFolder
-from .sampler import generate
-from .schedule import sd3_sigmas, uniform_denoising_steps
+from .sigmas import sd3_sigmas, uniform_denoising_steps
 
 log = logging.getLogger("rtdmd.sample")
 
@@ -101,7 +101,6 @@ def main(argv=None) -> int:
 def load_image_generator(run: RunFolder, cfg, device):
     """The run's EMA generator on its real backbone: stage 1's LoRA, under stage 2's when the run has one."""
     from .models.diffusion import load_core, stage1_models, stage2_models
-    from .train import user_errors
 
     s1 = load_latest(run.path, stage=1, modules=("generator_ema", "fake_score"))
     s2 = load_latest(run.path, stage=2, modules=("generator_ema",))
@@ -120,7 +119,6 @@ def load_image_generator(run: RunFolder, cfg, device):
 
 def sample_images(args, run: RunFolder, cfg, seed: int, device) -> int:
     from .data import load_prompts
-    from .train import user_errors
 
     if args.prompt:
         prompts = list(args.prompt)

@@ -22,7 +22,7 @@ follows another rule (FLUX.1, SD3 configs with dynamic shifting) use ``mu_rule="
 Noise (the pipelines pass no generator to ``step``): by default the CPS noise ξ of a run is drawn from a generator
 seeded by the run's initial latents, so the pipeline's own ``generator=`` (which draws those latents) makes the
 whole sampling reproducible. :meth:`CPSScheduler.set_noise` selects another source — the trainer's per-sample RNG
-contract (``seed``: step ``j`` draws exactly what :func:`rtdmd.sampler.draw_noises` draws for the same samples), a
+contract (``seed``: step ``j`` draws exactly what :func:`rtdmd.rollout.draw_noises` draws for the same samples), a
 ``torch.Generator``, explicit ``noises [K, ...]``, or the global torch RNG (``global_rng=True``). Arithmetic is
 float32 inside ``rk.cps_step``; the new latents keep the latents' dtype (bf16 in the reference's inference,
 method.md §2.4, §13.4; the reference casts to the velocity's dtype, which is the same dtype in both stock
@@ -46,7 +46,7 @@ from diffusers.utils import BaseOutput
 import rtdmd_kernels as rk
 
 from . import rng
-from .schedule import (
+from .sigmas import (
     NUM_TRAIN_TIMESTEPS,
     check_denoising_steps,
     flux2_empirical_mu,
@@ -96,7 +96,7 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
     * ``mu_rule``: ``"flux2_empirical"`` or ``"given"`` — how a pipeline's ``mu`` is read under
       ``use_dynamic_shifting`` (see the module docstring).
 
-    ``shift_terminal`` applies :func:`rtdmd.schedule.stretch_to_terminal`; Karras/exponential/beta sigmas,
+    ``shift_terminal`` applies :func:`rtdmd.sigmas.stretch_to_terminal`; Karras/exponential/beta sigmas,
     ``invert_sigmas`` and a linear time shift are not the reference's schedule and raise ``ValueError``.
     ``stochastic_sampling`` is accepted and ignored (every step is a CPS step). The default ``shift`` is SD3.5's
     3.0, not diffusers' 1.0: a config that does not state its shift gets 3.0 (SD3/SD3.5 configs state 3.0).
@@ -314,12 +314,12 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
         ``global_rng``; none restores the default: a generator seeded by each run's initial latents, so that the
         pipeline's ``generator=`` makes the run reproducible).
 
-        * ``seed``: the trainer's RNG contract (:mod:`rtdmd.rng`, :func:`rtdmd.sampler.draw_noises`): step ``j``
+        * ``seed``: the trainer's RNG contract (:mod:`rtdmd.rng`, :func:`rtdmd.rollout.draw_noises`): step ``j``
           gives sample ``b`` of the batch the draw of stream ``{stream}/xi{j}``, ``step``, global index
           ``first_index + b``, made in ``latent_shape`` (default: the latents' per-sample shape) and packed to
           FLUX.2's ``[H·W, C]`` tokens when the latents are packed. After a run's last step the index moves on by
           the batch size, so consecutive pipeline calls over a prompt list draw what
-          ``rtdmd.sampler.generate(..., indices=range(N))`` draws. :meth:`initial_latents` gives the matching
+          ``rtdmd.rollout.generate(..., indices=range(N))`` draws. :meth:`initial_latents` gives the matching
           ``x_T`` for the pipeline's ``latents=``.
         * ``generator``: ``torch.randn`` of the latents' shape from it (float32, on its device), one draw per step.
         * ``noises``: ``[K, B, ...]``, step ``j`` uses ``noises[j]`` (in the latents' shape or their
@@ -369,7 +369,7 @@ class CPSScheduler(SchedulerMixin, ConfigMixin):
     def initial_latents(self, batch_size: int, *, latent_shape: Sequence[int] | None = None,
                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """``x_T [batch_size, *latent_shape]`` of the next run under ``set_noise(seed=...)``: stream ``{stream}/x_T``
-        of the RNG contract, as :func:`rtdmd.sampler.draw_noises` draws it. Pass it as the pipeline's ``latents=``
+        of the RNG contract, as :func:`rtdmd.rollout.draw_noises` draws it. Pass it as the pipeline's ``latents=``
         (``[B, C, H, W]``; FLUX.2's pipelines pack it themselves). Call it before the run it belongs to."""
         if self._noise["mode"] != "seed":
             raise ValueError("initial_latents needs set_noise(seed=...)")

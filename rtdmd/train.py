@@ -6,16 +6,11 @@ the cached) base network, evaluates the ``teacher`` floor and ``base_4step`` row
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.util
 import json
 import logging
 import shutil
 import sys
-import time
-
-import torch
 
 if __name__ == "__main__":  # before the first import of a trainer dependency: one line and exit 2 if one is missing
     from ._deps import require_trainer_packages
@@ -24,10 +19,15 @@ if __name__ == "__main__":  # before the first import of a trainer dependency: o
 
 from . import distributed
 from .checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_latest
-from .cli import ArgumentParser, CLIExit, resolve_device, run_cli
+from .cli import ArgumentParser, CLIExit, resolve_device, run_cli, user_errors
 from .config import Config, ConfigError, changed_keys, load_config, resumable
+from .data import load_prompts
+from .distributed import DistEnv
+from .rewards import check_reward_specs
 from .run import RunFolder
-from .stages.common import NonFiniteStep
+from .stages import Stage1, Stage2, init_state
+from .stages.common import NonFiniteStep, StageState
+from .worlds import make_world
 
 log = logging.getLogger("rtdmd.train")
 
@@ -52,8 +52,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve(args) -> tuple[Config, RunFolder]:
-    """The config and run folder from the arguments; every user error is a ConfigError (exit 2)."""
+def resolve(args) -> tuple[Config, RunFolder, DistEnv]:
+    """The config, run folder and this process's place in the run from the arguments; every user error is a
+    ConfigError (exit 2)."""
     overrides = list(args.overrides)
     if args.device is not None:
         overrides.append(f"device={args.device}")
@@ -90,7 +91,7 @@ def resolve(args) -> tuple[Config, RunFolder]:
                 distributed.check_resume_world(saved, env, f"--resume {run.path}")
         if changed and run.writer:
             run.record_changes(saved_cfg, cfg, changed)
-        return cfg, run
+        return cfg, run, env
     args.stage = args.stage or "all"
     cfg = load_config(preset=args.preset or "toy", config_file=args.config, overrides=overrides)
     check_supported(cfg, args.stage)
@@ -111,7 +112,7 @@ def resolve(args) -> tuple[Config, RunFolder]:
     path, error = distributed.broadcast_object(env, made)
     if error is not None:
         raise ConfigError(error)
-    return cfg, run if run is not None else RunFolder(path, writer=False)
+    return cfg, run if run is not None else RunFolder(path, writer=False), env
 
 
 def newest_world_size(run: RunFolder) -> int | None:
@@ -124,7 +125,7 @@ def newest_world_size(run: RunFolder) -> int | None:
     return None
 
 
-def join(cfg: Config) -> distributed.DistEnv:
+def join(cfg: Config) -> DistEnv:
     """Join torchrun's process group when there is one (docs/training.md §1); one process needs nothing."""
     with user_errors():
         return distributed.init(cfg.distributed.strategy, resolve_device(cfg.device))
@@ -141,13 +142,10 @@ def check_supported(cfg: Config, stage: str) -> None:
         if getattr(cfg.log, key.split(".")[1]) and importlib.util.find_spec(package) is None:
             raise ConfigError(f"config key '{key}' needs the {package} package (pip install {package})")
     if stage != "ac_dmd":
-        from .rewards import check_reward_specs
-
         with user_errors():
             check_reward_specs(cfg)
     if cfg.model.kind != "toy":
-        from .data import load_prompts
-        from .models.diffusion import check_model_paths
+        from .models.diffusion import check_model_paths  # diffusers: only for real models
 
         with user_errors():
             check_model_paths(cfg.model, device)
@@ -155,18 +153,6 @@ def check_supported(cfg: Config, stage: str) -> None:
             for key in ("stage2_prompts", "eval_prompts"):
                 if getattr(cfg.data, key):
                     load_prompts(getattr(cfg.data, key), key=f"data.{key}")
-
-
-@contextlib.contextmanager
-def user_errors():
-    """A ``ValueError`` from loading the user's files (a wrong path, a folder that is not a model) is a user
-    error: one line and exit 2 through :func:`run_cli`."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(str(e).splitlines()[0]) from e
 
 
 def stage1_checkpoint(run: RunFolder, what: str = "stage 2") -> Checkpoint:
@@ -182,18 +168,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     run = None
     try:
-        cfg, run = resolve(args)
-        env = distributed.current()
-        device = env.device if env.active else resolve_device(cfg.device)
+        cfg, run, env = resolve(args)
         if not env.main:
             logging.getLogger("rtdmd").setLevel(logging.WARNING)  # rank 0 speaks for the run
-        log.info("run folder: %s (device %s%s)", run.path, device,
+        log.info("run folder: %s (device %s%s)", run.path, env.device,
                  f", {env.world} processes, {env.strategy}" if env.active else "")
         run.open_sinks(cfg)
-        if cfg.model.kind == "toy":
-            toy_main(cfg, run, device, args.stage)
-        else:
-            diffusion_main(cfg, run, device, args.stage)
+        train(cfg, run, env, args.stage)
     except ConfigError:
         if run is not None and run.writer and run.created and list_checkpoints(run.path) == run.made_with:
             run.unlock()  # a user error before any work was saved: leave no half-made run folder behind
@@ -214,171 +195,48 @@ def main(argv=None) -> int:
     return 0
 
 
-def toy_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> None:
-    """The toy world: base, teacher and base_4step rows, then the stages that exist."""
-    from .evaluate import ToyEvaluator, format_table, generate_samples
-    from .models.toy import build_world, pretrain_base
-    from .plot import plot_toy_rows
-
-    env = distributed.current()
-    start = time.perf_counter()
-    world = build_world(cfg)
-    if not env.main:
-        env.barrier()  # rank 0 pretrains (or loads) the base first; the others then find it in the cache
-    base, info = pretrain_base(world, cfg, device=device, log_fn=run.log, progress=cfg.log.progress and env.main)
-    if env.main:
-        env.barrier()
-    seconds = {"base_pretraining": round(info["seconds"], 2)}
-    log.info("base network: %s (%s)", "loaded from cache" if info["cached"] else "pretrained", info["path"])
-
-    t = cfg.toy
-    evaluator = ToyEvaluator(world, n_eval=t.n_eval, beta=t.beta, beta_max=t.beta_max, beta_step=t.beta_step,
-                             seed=cfg.seed)
-    # sampling is collective (each rank its block); the metrics are rank 0's
-    done = run.summary().get("eval", {}) if env.main else {"teacher": 0, "base_4step": 0, "ac_dmd": 0, "rtdmd": 0}
-    rows, pictures = {}, {"teacher": evaluator.tilted_samples(0.0, "eval/teacher_b")}
-    if "teacher" not in done:
-        rows["teacher"] = evaluator.teacher_row()
-    base_samples = generate_samples(base, evaluator, cfg, device)
-    pictures["base_4step"] = base_samples
-    if "base_4step" not in done:
-        rows["base_4step"] = evaluator.row(base_samples)
-    seconds["eval"] = round(time.perf_counter() - start - info["seconds"], 2)
-    log_rows(run, rows)
-    summary = run.update_summary(preset=cfg.preset, rows=rows, seconds=seconds)
-
+def train(cfg: Config, run: RunFolder, env: DistEnv, stage: str) -> None:
+    """The stages of ``stage`` (``ac_dmd``, ``rtdmd`` or ``all``) in ``run``, for the toy and real models alike:
+    the world (:mod:`rtdmd.worlds`) provides the networks, prompts, rewards and evaluation."""
+    world = make_world(cfg, env, run)
+    world.prepare()
     for name in ["ac_dmd", "rtdmd"] if stage == "all" else [stage]:
-        state = run_stage(name, cfg, run, device, world, base)
-        pictures[name] = generate_samples(state.ema.module, evaluator, cfg, device)
-        trained = env.main and (name not in done or state.trained_now)
-        rows = {name: evaluator.row(pictures[name])} if trained else {}
-        log_rows(run, rows)
-        summary = run.update_summary(preset=cfg.preset, rows=rows, seconds={name: round(state.seconds, 2)})
-    if env.main:
-        plot_toy_rows(world, evaluator.prompt_idx, pictures, run.path / "samples.png")
-        print(format_table(summary["eval"]))
-        print(f"run folder: {run.path}")
+        number = 1 if name == "ac_dmd" else 2
+        stage1 = stage1_checkpoint(run) if number == 2 else None
+        generator, fake, teacher = world.networks(number, stage1)
+        state = init_state(number, generator, fake, cfg)
+        rewards = world.rewards() if number == 2 else None
+
+        def make_loop(state, number=number, teacher=teacher, rewards=rewards):
+            if number == 1:
+                return Stage1(state, teacher, world.prompts(1), cfg, env)
+            return Stage2(state, teacher, world.prompts(2), rewards, cfg, env)
+
+        state = run_or_resume(name, state, make_loop, cfg, run, env, evaluate=world.evaluator(number, rewards))
+        world.finish_stage(name, state)
+    world.finish()
 
 
-def diffusion_main(cfg: Config, run: RunFolder, device: torch.device, stage: str) -> None:
-    """A real backbone (SD3/SD3.5, FLUX.2-klein): the stages, then the generator exported as a diffusers LoRA
-    after each (``<run>/lora/stage1``, ``<run>/lora/stage2``: stage 1 + stage 2 combined)."""
-    from .models.diffusion import export_lora, load_core
-    from .rewards import build_rewards
-    from .stages import ac_dmd, rtdmd
-
-    env = distributed.current()
-    lines, core = [], None
-    for name in ["ac_dmd", "rtdmd"] if stage == "all" else [stage]:
-        if core is None or env.strategy == "fsdp":  # FSDP2 shards what exists: stage 2's adapters need a fresh base
-            core = None
-            with user_errors():
-                core = load_core(cfg.model, device)
-        if name == "ac_dmd":
-            state, teacher = ac_dmd.init_lora_state(core, cfg)
-            total = cfg.stage1.steps
-            make_loop = functools.partial(ac_dmd.Stage1, state, teacher, stage_prompts(cfg, 1), cfg, device)
-        else:
-            s1_modules = stage1_checkpoint(run).modules
-            state, teacher = rtdmd.init_lora_state(core, cfg, s1_modules)
-            total = cfg.stage2.steps
-            with user_errors():
-                rewards = build_rewards(cfg, device=device)
-            make_loop = functools.partial(rtdmd.Stage2, state, teacher, stage_prompts(cfg, 2), rewards, cfg, device)
-        run_or_resume(name, state, total, make_loop, cfg, run,
-                      evaluate=stage2_evaluator(cfg, run, rewards) if name == "rtdmd" else None)
-        ema = distributed.full_state(state.ema.state_dict())  # a collective under fsdp
-        loras = [ema] if name == "ac_dmd" else [s1_modules["generator_ema"], ema]
-        out = run.path / "lora" / ("stage1" if name == "ac_dmd" else "stage2")
-        if run.writer:
-            export_lora(core, loras, cfg.model, out)
-        run.update_summary(preset=cfg.preset, seconds={name: round(state.seconds, 2)})
-        lines.append(f"{name}: {total} {'steps' if name == 'ac_dmd' else 'epochs'} in {state.seconds:.0f} s; "
-                     f"generator LoRA (diffusers format): {out}")
-    if run.writer:
-        print("\n".join(lines))
-        print(f"run folder: {run.path}")
-
-
-def stage_prompts(cfg: Config, stage: int) -> list:
-    """The prompts a real stage trains on: ``data.train_prompts``; stage 2's ``data.stage2_prompts`` when set (the
-    reference: PickScore prompts in stage 1, GenEval's metadata prompts in stage 2)."""
-    from .data import load_prompts
-
-    key = "data.stage2_prompts" if stage == 2 and cfg.data.stage2_prompts else "data.train_prompts"
-    with user_errors():
-        return load_prompts(cfg.data.stage2_prompts if key == "data.stage2_prompts" else cfg.data.train_prompts,
-                            key=key)
-
-
-def stage2_evaluator(cfg: Config, run: RunFolder, rewards):
-    """The periodic evaluation of a real stage 2 (``stage2.eval_every``): ``eval.num_images`` images of
-    ``data.eval_prompts`` from the EMA generator, their reward table in metrics.jsonl (stage ``eval``) and a grid
-    ``eval/stage2-epoch-N.png``; None when there is nothing to evaluate on."""
-    if not cfg.stage2.eval_every or not cfg.data.eval_prompts:
-        return None
-    from .data import load_prompts
-    from .evaluate.images import evaluate_rows, image_grid
-
-    with user_errors():
-        prompts = load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
-    prompts = [prompts[i % len(prompts)] for i in range(cfg.eval.num_images)]
-
-    def evaluate(epoch: int, generator) -> None:
-        rows, images = evaluate_rows({"rtdmd": generator}, rewards, prompts, steps=cfg.schedule.denoising_steps,
-                                     shift=cfg.schedule.shift, eta=cfg.schedule.eta, seed=cfg.seed,
-                                     batch_size=cfg.eval.batch_size, decode_chunk=cfg.stage2.decode_batch_size)
-        run.log({"stage": "eval", "step": epoch, "row": "rtdmd", **rows["rtdmd"]})
-        if run.writer:
-            image_grid(images, run.path / "eval" / f"stage2-epoch-{epoch}.png")
-
-    return evaluate
-
-
-def run_or_resume(name: str, state, total: int, make_loop, cfg: Config, run: RunFolder, evaluate=None) -> None:
+def run_or_resume(name: str, state: StageState, make_loop, cfg: Config, run: RunFolder, env: DistEnv,
+                  evaluate=None) -> StageState:
     """Continue ``state`` from the run's newest checkpoint of its stage, train what is left, and keep a checkpoint
-    of an untrained (0-step) stage so that the next stage can start from it."""
-    from . import checkpoint as ck
-
-    distributed.current().prepare(state, cfg)  # wrap for ddp / fsdp before anything is loaded or trained
+    of an untrained (0-step) stage so that the next stage can start from it; returns the (wrapped) state."""
+    state = env.wrap(state)  # for ddp / fsdp, before anything is loaded or trained
     with user_errors():
-        latest = ck.load_latest(run.path, stage=state.STAGE, modules=state.MODULES, require=(state.COUNTER,),
-                                on_skip=lambda path, why: log.warning("not resuming from %s", why))
+        latest = load_latest(run.path, stage=state.STAGE, modules=state.MODULES, require=(state.COUNTER,),
+                             on_skip=lambda path, why: log.warning("not resuming from %s", why))
     if latest is not None:
-        state.load(latest)
+        state.load(latest, env)
         log.info("%s: resuming from %s", name, latest.path.name)
     state.apply_optimizer_config(cfg)  # what the config says now, also over a loaded optimizer state
+    total = cfg.stage1.steps if state.STAGE == 1 else cfg.stage2.steps
     state.trained_now = state.index < total or latest is None
     if state.trained_now:
         extra = {"evaluate": evaluate} if evaluate is not None else {}
-        make_loop().run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress, **extra)
+        make_loop(state).run(log_fn=run.log, run_dir=run.path, progress=cfg.log.progress, **extra)
         if total == 0:
-            state.save(run.path, cfg.stage1.keep_checkpoints if state.STAGE == 1 else cfg.stage2.keep_checkpoints)
-
-
-def log_rows(run: RunFolder, rows: dict[str, dict]) -> None:
-    for name, row in rows.items():
-        run.log({"stage": "eval", "step": 0, "row": name, **row})
-
-
-def run_stage(name: str, cfg: Config, run: RunFolder, device: torch.device, world, base):
-    """Stage ``name`` (``ac_dmd`` from the base network, ``rtdmd`` from the run's stage-1 result), or continued
-    from the run's newest checkpoint of that stage; a finished stage is only loaded."""
-    from .models.toy import ExactTeacher, build_network
-    from .rewards import build_rewards
-    from .stages import ac_dmd, rtdmd
-
-    def build():
-        return build_network(world, cfg.model).to(device)
-
-    teacher = ExactTeacher(world).to(device)
-    if name == "ac_dmd":
-        state, total = ac_dmd.init_state(base, cfg, build), cfg.stage1.steps
-        make_loop = lambda: ac_dmd.Stage1(state, teacher, world.prompts(), cfg, device)  # noqa: E731
-    else:
-        state, total = rtdmd.init_state(stage1_checkpoint(run), cfg, build), cfg.stage2.steps
-        make_loop = lambda: rtdmd.Stage2(state, teacher, world.prompts(), build_rewards(cfg, world), cfg, device)  # noqa: E731
-    run_or_resume(name, state, total, make_loop, cfg, run)
+            keep = cfg.stage1.keep_checkpoints if state.STAGE == 1 else cfg.stage2.keep_checkpoints
+            state.save(run.path, keep, env)
     return state
 
 

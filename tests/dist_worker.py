@@ -13,11 +13,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from rtdmd import checkpoint as ck
 from rtdmd import distributed
 from rtdmd.config import load_config
-from rtdmd.models.toy import ExactTeacher, build_network, build_world, pretrain_base
+from rtdmd.dtensor import full_state
+from rtdmd.models.toy import ExactTeacher, build_world, pretrain_base, stage_networks
 from rtdmd.rewards import build_rewards
-from rtdmd.stages import ac_dmd, rtdmd
+from rtdmd.stages import Stage1, Stage2, init_state
+from rtdmd.stages.common import log_record
 
 SMALL = ["model.num_layers=1", "model.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
          "stage1.batch_size=8", "stage1.fake_update_ratio=1", "stage1.steps=2", "stage2.group_size=4",
@@ -31,21 +34,18 @@ def _stage1(cfg, env, device):
     base, _ = pretrain_base(world, cfg, device=device)
     if env.main:
         env.barrier()
-    state = ac_dmd.init_state(base, cfg, lambda: build_network(world, cfg.model).to(device))
-    env.prepare(state, cfg)
-    return world, state
+    state = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict(), device), cfg)
+    return world, env.wrap(state)
 
 
 def stage1_step(cfg, env, device, out: Path) -> None:
     """One stage-1 step with a generator update: the reduced losses and the updated weights."""
     world, state = _stage1(cfg, env, device)
-    loop = ac_dmd.Stage1(state, ExactTeacher(world), world.prompts(), cfg, device)
-    from rtdmd.stages.common import log_record
-
-    stats = log_record(loop.step(0))
-    weights = {f"generator.{k}": v for k, v in distributed.full_state(state.generator.state_dict()).items()}
-    weights.update({f"fake.{k}": v for k, v in distributed.full_state(state.fake.state_dict()).items()})
-    weights.update({f"ema.{k}": v for k, v in distributed.full_state(state.ema.state_dict()).items()})
+    loop = Stage1(state, ExactTeacher(world), world.prompts(), cfg, env)
+    stats = log_record(loop.step(0), env)
+    weights = {f"generator.{k}": v for k, v in full_state(state.generator.state_dict()).items()}
+    weights.update({f"fake.{k}": v for k, v in full_state(state.fake.state_dict()).items()})
+    weights.update({f"ema.{k}": v for k, v in full_state(state.ema.state_dict()).items()})
     if env.main:
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / "weights.safetensors"))
         (out / "stats.json").write_text(json.dumps(stats))
@@ -54,13 +54,11 @@ def stage1_step(cfg, env, device, out: Path) -> None:
 def stage2_advantages(cfg, env, device, out: Path) -> None:
     """One stage-2 rollout: the advantages computed over every rank's rewards, gathered in global order."""
     world, state1 = _stage1(cfg, env, device)
-    state1.save(out / "s1", keep=1)
-    from rtdmd import checkpoint as ck
-
-    state = rtdmd.init_state(ck.latest_checkpoint(out / "s1", stage=1), cfg,
-                             lambda: build_network(world, cfg.model).to(device))
-    env.prepare(state, cfg)
-    loop = rtdmd.Stage2(state, ExactTeacher(world), world.prompts(), build_rewards(cfg, world), cfg, device)
+    state1.save(out / "s1", keep=1, env=env)
+    c = ck.load_checkpoint(ck.latest_checkpoint(out / "s1", stage=1))
+    networks = stage_networks(world, cfg.model, c.modules["generator_ema"], c.modules["fake_score"], device)
+    state = env.wrap(init_state(2, *networks, cfg))
+    loop = Stage2(state, ExactTeacher(world), world.prompts(), build_rewards(cfg, world), cfg, env)
     data = loop.collect(0, [0, 1])
     adv = loop.advantages(data)
     gathered = {"advantages": env.all_gather(adv), "rewards": env.all_gather(data.rewards),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rtdmd._io import stable_hash
 from rtdmd.config import (
     Config,
     ConfigError,
@@ -17,7 +18,6 @@ from rtdmd.config import (
     config_to_dict,
     load_config,
     save_config,
-    section_hash,
 )
 
 
@@ -210,16 +210,16 @@ def test_file_errors(tmp_path):
         config_from_dict({"toy": {"n_eval": "8"}})
 
 
-def test_section_hash():
+def test_stable_hash():
     cfg = Config()
-    h = section_hash(cfg.toy)
+    h = stable_hash(cfg.toy)
     assert len(h) == 16 and int(h, 16) >= 0
-    assert h == section_hash(Config().toy) == section_hash(config_to_dict(Config())["toy"])
-    assert section_hash({"b": 1, "a": 2}) == section_hash({"a": 2, "b": 1})  # key order does not matter
-    assert section_hash(dataclasses.replace(cfg.toy, n_eval=4)) != h
-    assert section_hash(dataclasses.replace(cfg.toy, latent_shape=[4, 8, 6])) != h
-    assert section_hash({"toy": cfg.toy, "model": cfg.model}) == section_hash({"model": cfg.model, "toy": cfg.toy})
-    assert section_hash(cfg) != section_hash(dataclasses.replace(cfg, seed=1))
+    assert h == stable_hash(Config().toy) == stable_hash(config_to_dict(Config())["toy"])
+    assert stable_hash({"b": 1, "a": 2}) == stable_hash({"a": 2, "b": 1})  # key order does not matter
+    assert stable_hash(dataclasses.replace(cfg.toy, n_eval=4)) != h
+    assert stable_hash(dataclasses.replace(cfg.toy, latent_shape=[4, 8, 6])) != h
+    assert stable_hash({"toy": cfg.toy, "model": cfg.model}) == stable_hash({"model": cfg.model, "toy": cfg.toy})
+    assert stable_hash(cfg) != stable_hash(dataclasses.replace(cfg, seed=1))
 
 
 @pytest.mark.parametrize("preset,guidance,gen_lr", [("sd35m", 4.5, 3e-5), ("flux2_4b", 4.0, 1e-6)])

@@ -18,12 +18,24 @@ from tiny_pipelines import build_tiny_flux1, build_tiny_flux2_klein, build_tiny_
 import rtdmd_kernels as rk
 from rtdmd import checkpoint as ck
 from rtdmd.config import load_config
-from rtdmd.models.diffusion import S1_FAKE, S1_GENERATOR, export_lora, load_core
+from rtdmd.distributed import DistEnv
+from rtdmd.models.diffusion import S1_FAKE, S1_GENERATOR, export_lora, load_core, stage1_models, stage2_models
 from rtdmd.rewards import build_rewards
-from rtdmd.sampler import generate
-from rtdmd.stages import ac_dmd, rtdmd
+from rtdmd.rollout import generate
+from rtdmd.stages import Stage1, Stage2, init_state
 
 CPU = torch.device("cpu")
+ONE = DistEnv()  # one process on the CPU
+
+
+def lora_state(core, cfg, s1_modules=None):
+    """A stage's state on a real backbone and its teacher: stage 1's fresh LoRAs, or (given stage 1's modules)
+    stage 2's fresh adapters over stage 1's frozen ones."""
+    if s1_modules is None:
+        generator, fake, teacher = stage1_models(core, cfg)
+        return init_state(1, generator, fake, cfg), teacher
+    generator, fake, teacher = stage2_models(core, cfg, s1_modules)
+    return init_state(2, generator, fake, cfg), teacher
 PROMPTS = ["a red cube", "the blue sphere", "a cat on a mat", "green grass"]
 
 
@@ -100,8 +112,8 @@ def base_params(core):
 
 def stage1_checkpoint(folders, kind, tmp_path):
     cfg, core = load_tiny(folders, kind, tmp_path)
-    state, teacher = ac_dmd.init_lora_state(core, cfg)
-    ac_dmd.Stage1(state, teacher, list(PROMPTS), cfg, CPU).run(run_dir=tmp_path / "run")
+    state, teacher = lora_state(core, cfg)
+    Stage1(state, teacher, list(PROMPTS), cfg, ONE).run(run_dir=tmp_path / "run")
     return cfg, core, state, ck.load_checkpoint(ck.latest_checkpoint(tmp_path / "run", stage=1)).modules
 
 
@@ -109,7 +121,7 @@ def stage1_checkpoint(folders, kind, tmp_path):
 @pytest.mark.parametrize("kind", ["sd3", "flux2"])
 def test_one_stage1_step_trains_only_the_loras(folders, kind, tmp_path):
     cfg, core = load_tiny(folders, kind, tmp_path)
-    state, teacher = ac_dmd.init_lora_state(core, cfg)
+    state, teacher = lora_state(core, cfg)
     assert (core.generator_base is core.base) == (kind == "sd3")  # FLUX.2's generator starts from klein
     frozen = base_params(core)
     gen0, fake0 = state.generator.state_dict(), state.fake.state_dict()
@@ -119,7 +131,7 @@ def test_one_stage1_step_trains_only_the_loras(folders, kind, tmp_path):
     sigma = torch.full((2,), 0.75)
     cond = core.encode(PROMPTS[:2])
     v_teacher = teacher.velocity(x, sigma, cond)
-    stats = ac_dmd.Stage1(state, teacher, list(PROMPTS), cfg, CPU).step(0)
+    stats = Stage1(state, teacher, list(PROMPTS), cfg, ONE).step(0)
     assert {"fake_loss", "gen_loss", "fake_grad_norm", "gen_grad_norm"} <= set(stats)
     assert all(torch.isfinite(v) for v in stats.values())
     assert all(torch.equal(v, base_params(core)[k]) for k, v in frozen.items())
@@ -132,7 +144,7 @@ def test_one_stage1_step_trains_only_the_loras(folders, kind, tmp_path):
 @pytest.mark.parametrize("kind", ["sd3", "flux2"])
 def test_one_stage2_epoch_on_frozen_stage1_adapters(folders, kind, tmp_path):
     cfg, core, _, s1 = stage1_checkpoint(folders, kind, tmp_path)
-    state, teacher = rtdmd.init_lora_state(core, cfg, s1)
+    state, teacher = lora_state(core, cfg, s1)
     frozen = {k: p.detach().clone() for k, p in core.generator_base.named_adapter_parameters(S1_GENERATOR)}
     assert all(torch.equal(frozen[k], s1["generator_ema"][k]) for k in frozen)  # stage 1's EMA, unmerged
     assert not any(p.requires_grad for _, p in core.base.named_adapter_parameters(S1_FAKE))
@@ -141,7 +153,7 @@ def test_one_stage2_epoch_on_frozen_stage1_adapters(folders, kind, tmp_path):
     assert 0.8 < float(a.std()) < 1.2
     assert all(float(p.abs().max()) == 0 for k, p in state.generator.named_parameters() if ".lora_B." in k)
     g0 = {k: v.clone() for k, v in state.generator.state_dict().items()}
-    loop = rtdmd.Stage2(state, teacher, list(PROMPTS), build_rewards(cfg, device=CPU), cfg, CPU)
+    loop = Stage2(state, teacher, list(PROMPTS), build_rewards(cfg, device=CPU), cfg, ONE)
     stats = loop.epoch(0)
     assert {"ppo_loss", "aux_loss", "bp_loss", "fake_loss", "reward_bright", "reward_red"} <= set(stats)
     assert all(torch.isfinite(v) for v in stats.values())
@@ -155,7 +167,7 @@ def test_reward_gradient_reaches_the_generator_lora(folders, tmp_path):
     cfg, core, _, s1 = stage1_checkpoint(folders, "sd3", tmp_path)
     cfg = load_config(config_file=tiny_config(folders, "sd3", tmp_path),
                       overrides=[f"rewards.clipscore.path={folders['clip']}", "rewards.clipscore.backprop=true"])
-    state, _ = rtdmd.init_lora_state(core, cfg, s1)
+    state, _ = lora_state(core, cfg, s1)
     rewards = build_rewards(cfg, device=CPU)
     assert rewards.backprop_names == ["bright", "clipscore"]
     gen = state.generator
@@ -174,7 +186,7 @@ def test_block_checkpointing_recomputes_under_the_adapters_of_the_forward(folder
     """A checkpointed generator block is recomputed in backward after the fake score ran with other adapters:
     the gradient must still be the generator's."""
     cfg, core = load_tiny(folders, "sd3", tmp_path)
-    state, _ = ac_dmd.init_lora_state(core, cfg)
+    state, _ = lora_state(core, cfg)
     with torch.no_grad():
         for _, p in state.generator.named_parameters():
             p.normal_(0, 0.1)  # non-zero B so that every LoRA path carries gradient
@@ -197,7 +209,7 @@ def test_shared_base_memory_is_lora_only(folders, tmp_path):
     """Generator, EMA, fake score and teacher hold one base: what training adds is the LoRA weights."""
     cfg, core = load_tiny(folders, "sd3", tmp_path)
     n_base = sum(p.numel() for k, p in core.base.module.named_parameters() if "lora_" not in k)
-    state, _ = ac_dmd.init_lora_state(core, cfg)
+    state, _ = lora_state(core, cfg)
     n_lora = sum(p.numel() for k, p in core.base.module.named_parameters() if "lora_" in k)
     n_trained = sum(p.numel() for p in [*state.generator.parameters(), *state.fake.parameters()])
     assert n_lora == 3 * n_trained // 2  # generator, its EMA shadow and the fake score: one adapter each
@@ -221,10 +233,10 @@ def test_lora_round_trip_into_the_stock_pipeline(folders, kind, tmp_path):
     from rtdmd.scheduler import CPSScheduler
 
     cfg, core = load_tiny(folders, kind, tmp_path)
-    s1_state, _ = ac_dmd.init_lora_state(core, cfg)
+    s1_state, _ = lora_state(core, cfg)
     _perturb(s1_state.generator, 1)
     s1 = {"generator_ema": s1_state.generator.state_dict(), "fake_score": s1_state.fake.state_dict()}
-    s2_state, _ = rtdmd.init_lora_state(core, cfg, s1)
+    s2_state, _ = lora_state(core, cfg, s1)
     _perturb(s2_state.generator, 2)
     gen = s2_state.generator
     out = export_lora(core, [s1["generator_ema"], gen.state_dict()], cfg.model, tmp_path / "lora")

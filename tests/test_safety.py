@@ -25,6 +25,7 @@ from rtdmd import sample as sample_cli
 from rtdmd.cli import run_cli
 from rtdmd.config import ConfigError, load_config
 from rtdmd.data import load_prompts
+from rtdmd.distributed import DistEnv
 from rtdmd.rewards.toy import LinearReward
 from rtdmd.run import RunFolder
 from rtdmd.stages.common import NonFiniteStep, StepGuard
@@ -83,7 +84,7 @@ def test_skip_undoes_a_nonfinite_step_exactly(first):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    guard = StepGuard("stage 1 (ac_dmd)", "step", "skip", CPU)
+    guard = StepGuard("stage 1 (ac_dmd)", "step", "skip", DistEnv())
     if not first:
         _step(model, opt, guard, 0)
     before = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
@@ -95,7 +96,7 @@ def test_skip_undoes_a_nonfinite_step_exactly(first):
         twin = torch.nn.Linear(3, 2)
         twin.load_state_dict(before[0])
         twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, weight_decay=0.1)
-        _step(twin, twin_opt, StepGuard("s", "step", "skip", CPU), 0)
+        _step(twin, twin_opt, StepGuard("s", "step", "skip", DistEnv()), 0)
         _step(model, opt, guard, 2)
         for a, b in zip(model.parameters(), twin.parameters(), strict=True):
             assert torch.equal(a, b)
@@ -109,7 +110,7 @@ def test_skip_undoes_a_nonfinite_step_exactly(first):
 def test_stop_names_the_stage_step_and_term():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
-    guard = StepGuard("stage 1 (ac_dmd)", "step", "stop", CPU)
+    guard = StepGuard("stage 1 (ac_dmd)", "step", "stop", DistEnv())
     _step(model, opt, guard, 0)
     guard.check()
     _step(model, opt, guard, 7, scale=float("inf"))

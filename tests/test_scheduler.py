@@ -21,9 +21,9 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 )
 
 import rtdmd_kernels as rk
-from rtdmd.sampler import draw_noises, sample
-from rtdmd.schedule import dynamic_shift_sigmas, sd3_sigmas
+from rtdmd.rollout import draw_noises, sample
 from rtdmd.scheduler import CPSScheduler, CPSSchedulerOutput
+from rtdmd.sigmas import dynamic_shift_sigmas, sd3_sigmas
 
 STEPS = [1000, 750, 500, 250]
 SD3_SIGMAS = [1.0, 0.9, 0.75, 0.5, 0.0]
@@ -222,7 +222,7 @@ def test_seeded_noise_is_the_trainers_draw():
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_pipeline_loop_reproduces_the_trainers_sampler(dynamic):
-    """Two pipeline calls (batches of 2 and 3) equal ``rtdmd.sampler.sample`` over indices 0..4, with FLUX.2's
+    """Two pipeline calls (batches of 2 and 3) equal ``rtdmd.rollout.sample`` over indices 0..4, with FLUX.2's
     packed token layout for the dynamic case (the trainer's latents are [B, C, H, W])."""
     shape, seed = (8, 4, 6), 3
     if dynamic:

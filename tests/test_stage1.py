@@ -10,12 +10,14 @@ import rtdmd_kernels as rk
 from rtdmd import checkpoint as ck
 from rtdmd import rng
 from rtdmd.config import load_config
+from rtdmd.distributed import DistEnv
 from rtdmd.evaluate import ToyEvaluator, generate_samples
-from rtdmd.models.toy import ExactTeacher, build_network, build_world, pretrain_base
-from rtdmd.stages.ac_dmd import Stage1, init_state
+from rtdmd.models.toy import ExactTeacher, build_world, pretrain_base, stage_networks
+from rtdmd.stages import Stage1, init_state
 from rtdmd.stages.common import chain_round, draw_subinterval, fake_score_objective
 
 CPU = torch.device("cpu")
+ONE = DistEnv()  # one process on the CPU
 SMALL = ["model.num_layers=1", "model.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
          "stage1.batch_size=16", "stage1.fake_update_ratio=2"]
 
@@ -30,8 +32,8 @@ def make(overrides=(), tmp_cache=None):
     cfg = load_config("toy", overrides=[*SMALL, *overrides])
     world = build_world(cfg)
     base, _ = pretrain_base(world, cfg)
-    state = init_state(base, cfg, lambda: build_network(world, cfg.model))
-    return cfg, world, base, state, Stage1(state, ExactTeacher(world), world.prompts(), cfg, CPU)
+    state = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict()), cfg)
+    return cfg, world, base, state, Stage1(state, ExactTeacher(world), world.prompts(), cfg, ONE)
 
 
 @pytest.fixture
@@ -141,7 +143,7 @@ def test_fake_score_loss_falls_on_a_fixed_generator(cache):
 def loop_sample(loop, step):
     """Final 4-step samples of the loop's generator (a fixed, held-out batch)."""
     x_t, noises, sigmas, _ = loop._unroll_inputs("held", step, loop.num_steps)
-    from rtdmd.sampler import sample
+    from rtdmd.rollout import sample
     return sample(loop.s.generator.velocity_fn(loop.gen_cond), x_t, sigmas, eta=0.9, noises=noises).float()
 
 
@@ -154,7 +156,7 @@ def test_resume_mid_run_equals_uninterrupted(cache, tmp_path):
     logs_b = []
     loop_b.run(log_fn=logs_b.append, run_dir=tmp_path / "b", stop_at=4)
     _, _, _, resumed, loop_c = make(["stage1.steps=8", "stage1.checkpoint_every=4", "log.interval=1"])
-    resumed.load(ck.latest_checkpoint(tmp_path / "b", stage=1))
+    resumed.load(ck.latest_checkpoint(tmp_path / "b", stage=1), ONE)
     assert resumed.step == 4
     loop_c.run(log_fn=logs_b.append, run_dir=tmp_path / "b")
     assert_resume_equals_straight(straight, resumed, logs_a, logs_b)
@@ -169,8 +171,8 @@ def test_short_run_moves_toward_the_teacher(cache):
     cfg = load_config("toy", overrides=["stage1.steps=600"])
     world = build_world(cfg)
     base, _ = pretrain_base(world, cfg)
-    state = init_state(base, cfg, lambda: build_network(world, cfg.model))
-    Stage1(state, ExactTeacher(world), world.prompts(), cfg, CPU).run()
+    state = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict()), cfg)
+    Stage1(state, ExactTeacher(world), world.prompts(), cfg, ONE).run()
     ev = ToyEvaluator(world, n_eval=1024, seed=0)
     base_row = ev.row(generate_samples(base, ev, cfg))
     row = ev.row(generate_samples(state.ema.module, ev, cfg))

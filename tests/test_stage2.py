@@ -12,14 +12,16 @@ import rtdmd_kernels as rk
 from rtdmd import checkpoint as ck
 from rtdmd import rng
 from rtdmd.config import load_config
+from rtdmd.distributed import DistEnv
 from rtdmd.evaluate import ToyEvaluator, generate_samples
-from rtdmd.models.toy import ExactTeacher, build_network, build_world, pretrain_base
+from rtdmd.models.toy import ExactTeacher, build_world, pretrain_base, stage_networks
 from rtdmd.rewards import build_rewards
-from rtdmd.stages import ac_dmd
-from rtdmd.stages.rtdmd import Stage2, init_state, ppo_step_subset, prompt_shared_noise
+from rtdmd.stages import Stage1, Stage2, init_state
+from rtdmd.stages.rtdmd import ppo_step_subset, prompt_shared_noise
 from rtdmd_kernels import reference
 
 CPU = torch.device("cpu")
+ONE = DistEnv()  # one process on the CPU
 SMALL = ["model.num_layers=1", "model.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
          "stage1.steps=4", "stage1.batch_size=8", "stage1.fake_update_ratio=2", "stage2.group_size=4",
          "stage2.num_batches=2", "stage2.fake_batch_size=8", "rewards.binary.weight=0.5"]
@@ -34,8 +36,8 @@ def _torch_backend(tmp_path, monkeypatch):
 
 def stage1_run(cfg, world, run_dir):
     base, _ = pretrain_base(world, cfg)
-    s1 = ac_dmd.init_state(base, cfg, lambda: build_network(world, cfg.model))
-    ac_dmd.Stage1(s1, ExactTeacher(world), world.prompts(), cfg, CPU).run(run_dir=run_dir)
+    s1 = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict()), cfg)
+    Stage1(s1, ExactTeacher(world), world.prompts(), cfg, ONE).run(run_dir=run_dir)
     return base, ck.latest_checkpoint(run_dir, stage=1)
 
 
@@ -44,8 +46,14 @@ def make(tmp_path, overrides=()):
     world = build_world(cfg)
     if not (tmp_path / "s1" / "checkpoints").exists():
         stage1_run(cfg, world, tmp_path / "s1")
-    state = init_state(ck.latest_checkpoint(tmp_path / "s1", stage=1), cfg, lambda: build_network(world, cfg.model))
-    return cfg, world, state, Stage2(state, ExactTeacher(world), world.prompts(), build_rewards(cfg, world), cfg, CPU)
+    state = init_state(2, *stage2_networks(world, cfg, ck.latest_checkpoint(tmp_path / "s1", stage=1)), cfg)
+    return cfg, world, state, Stage2(state, ExactTeacher(world), world.prompts(), build_rewards(cfg, world), cfg, ONE)
+
+
+def stage2_networks(world, cfg, s1_path):
+    """Stage 2 starts from stage 1's EMA generator and fake score."""
+    c = ck.load_checkpoint(s1_path)
+    return stage_networks(world, cfg.model, c.modules["generator_ema"], c.modules["fake_score"])
 
 
 def test_k_repeat_sampler_draws_each_sampling_batch_afresh():
@@ -137,7 +145,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     logs_b = []
     loop_b.run(log_fn=logs_b.append, run_dir=tmp_path / "b", stop_at=2)
     _, _, resumed, loop_c = make(tmp_path, over)
-    resumed.load(ck.latest_checkpoint(tmp_path / "b", stage=2))
+    resumed.load(ck.latest_checkpoint(tmp_path / "b", stage=2), ONE)
     assert resumed.epoch == 2
     loop_c.run(log_fn=logs_b.append, run_dir=tmp_path / "b")
     assert_resume_equals_straight(straight, resumed, logs_a, logs_b)
@@ -152,14 +160,13 @@ def test_reward_tilt_and_the_reward_hacking_control(tmp_path):
     world = build_world(cfg)
     base, s1_ckpt = stage1_run(cfg, world, tmp_path / "run")
     ev = ToyEvaluator(world, n_eval=1024, seed=0)
-    s1_gen = build_network(world, cfg.model)
-    s1_gen.load_state_dict(ck.load_checkpoint(s1_ckpt).modules["generator_ema"])
+    s1_gen, _ = stage2_networks(world, cfg, s1_ckpt)
     row1 = ev.row(generate_samples(s1_gen, ev, cfg))
     rows = {}
     for name, over in (("full", []), ("control", ["stage2.aux_weight=0"])):
         c = load_config("toy", overrides=["stage1.steps=600", "stage2.steps=120", *over])
-        s = init_state(s1_ckpt, c, lambda c=c: build_network(world, c.model))
-        Stage2(s, ExactTeacher(world), world.prompts(), build_rewards(c, world), c, CPU).run()
+        s = init_state(2, *stage2_networks(world, c, s1_ckpt), c)
+        Stage2(s, ExactTeacher(world), world.prompts(), build_rewards(c, world), c, ONE).run()
         rows[name] = ev.row(generate_samples(s.ema.module, ev, c))
     full, control = rows["full"], rows["control"]
     assert full["reward_mean"] > row1["reward_mean"] + 0.05

@@ -64,6 +64,6 @@ def test_pretraining_learns_and_is_cached(world, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True))
     # anything that changes the base changes the cache key
     other = load_config("toy", overrides=["toy.base_steps=61", "toy.base_batch_size=64"])
-    from rtdmd.config import section_hash
+    from rtdmd._io import stable_hash
     from rtdmd.models.toy import base_recipe
-    assert section_hash(base_recipe(other)) != section_hash(base_recipe(cfg))
+    assert stable_hash(base_recipe(other)) != stable_hash(base_recipe(cfg))

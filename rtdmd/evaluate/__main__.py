@@ -18,7 +18,7 @@ if __name__ == "__main__":  # before the first import of a trainer dependency: o
 from pathlib import Path
 
 from ..checkpoint import load_latest
-from ..cli import ArgumentParser, resolve_device, run_cli
+from ..cli import ArgumentParser, resolve_device, run_cli, user_errors
 from ..config import ConfigError
 from ..run import RunFolder
 from .images import ROWS, evaluate_rows, format_reward_table, image_grid
@@ -42,7 +42,6 @@ def models_of(run: RunFolder, cfg, device):
     """``{"base", "stage1", "stage2"}``: the generator's base with no adapter, then the run's EMA generators of the
     stages it has checkpoints of (each loaded from the newest checkpoint that verifies)."""
     from ..models.diffusion import load_core, stage1_models, stage2_models
-    from ..train import user_errors
 
     with user_errors():
         core = load_core(cfg.model, device)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import DistEnv
+from ..rollout import generate
+
 ROWS = ("base", "stage1", "stage2")
 
 
@@ -65,31 +68,31 @@ def image_grid(rows: dict[str, torch.Tensor], path: str | Path, *, max_columns: 
 
 @torch.no_grad()
 def sample_images(generator, prompts: Sequence[str], *, steps: Sequence[int], shift: float, eta: float, seed: int,
-                  step: int = 0, batch_size: int = 4, decode_chunk: int = 4) -> torch.Tensor:
+                  step: int = 0, batch_size: int = 4, decode_chunk: int = 4,
+                  env: DistEnv | None = None) -> torch.Tensor:
     """Decoded images ``[N, 3, H, W]`` (float32, on the generator's device) of ``generator`` for ``prompts``, one
-    each: sample i draws global index i of stream ``eval`` at ``step``, whatever the batch size."""
-    from ..sampler import generate
-
+    each: sample i draws global index i of stream ``eval`` at ``step``, whatever the batch size (and, under
+    several processes, ``env``, whatever rank samples it)."""
     sigmas = generator.sigmas(steps, shift)
     device = generator.core.device
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         x = generate(generator, chunk, sigmas=sigmas, eta=eta, seed=seed, stream="eval", step=step,
-                     indices=range(start, start + len(chunk)), batch_size=len(chunk), device=device)
+                     indices=range(start, start + len(chunk)), batch_size=len(chunk), device=device, env=env)
         out.append(generator.decode(x.to(device), chunk=decode_chunk).float())
     return torch.cat(out)
 
 
 def evaluate_rows(models: dict, rewards, prompts: Sequence[str], *, steps: Sequence[int], shift: float, eta: float,
-                  seed: int, step: int = 0, batch_size: int = 4, decode_chunk: int = 4
+                  seed: int, step: int = 0, batch_size: int = 4, decode_chunk: int = 4, env: DistEnv | None = None
                   ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """Every model's images of ``prompts`` (same seeds) and their reward table; returns ``(rows, images)`` with the
     images on the CPU."""
     rows, images = {}, {}
     for name, model in models.items():
         imgs = sample_images(model, prompts, steps=steps, shift=shift, eta=eta, seed=seed, step=step,
-                             batch_size=batch_size, decode_chunk=decode_chunk)
+                             batch_size=batch_size, decode_chunk=decode_chunk, env=env)
         rows[name] = reward_table(rewards.score_all(imgs, list(prompts)).cpu(), rewards.names)
         images[name] = imgs.cpu()
     return rows, images

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import rng
+from ..distributed import DistEnv
 from ..models.toy_world import ToyWorld
+from ..rollout import generate
+from ..sigmas import sd3_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -229,19 +232,16 @@ def format_table(rows: dict[str, dict[str, float]], floor: str = "teacher") -> s
     return "\n".join(out)
 
 
-def generate_samples(backbone, evaluator: ToyEvaluator, cfg, device: torch.device | str = "cpu") -> torch.Tensor:
+def generate_samples(backbone, evaluator: ToyEvaluator, cfg, env: DistEnv | None = None) -> torch.Tensor:
     """A row's samples: ``backbone`` run for the config's few-step CPS schedule on the evaluator's prompts, with
     the evaluation noise of the RNG contract (stream ``eval``) — the same noise for every row, so rows differ
-    only by their network."""
-    from ..sampler import generate
-    from ..schedule import sd3_sigmas
-
+    only by their network. Under several processes (``env``) each rank samples its block (a collective)."""
     prompts = [evaluator.world.prompts()[int(p)] for p in evaluator.prompt_idx]
     was_training = backbone.training
     backbone.eval()
     try:
         return generate(backbone, prompts, sigmas=sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift),
                         eta=cfg.schedule.eta, seed=cfg.seed, stream="eval", batch_size=cfg.eval.batch_size,
-                        device=device)
+                        env=env)
     finally:
         backbone.train(was_training)

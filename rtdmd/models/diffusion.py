@@ -23,7 +23,7 @@ from torch import nn
 
 import rtdmd_kernels as rk
 
-from ..schedule import dynamic_shift_sigmas, flux2_empirical_mu, sd3_sigmas
+from ..sigmas import dynamic_shift_sigmas, flux2_empirical_mu, sd3_sigmas
 from .base import Backbone, Cond
 from .lora import SD3_TARGETS, LoraView, SharedTransformer, flux2_targets
 

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..dtensor import like_current
+
 #: The reference's LoRA targets (docs/method.md §12.1): attention q/k/v/out and the context projections. Suffix match,
 #: so SD3.5's second attention (``attn2``) is covered too.
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -175,8 +177,6 @@ class LoraView(nn.Module):
         return {k: p.detach() for k, p in self.named_parameters()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        from ..distributed import like_current
-
         own = dict(self.named_parameters())
         missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
         if strict and (missing or unexpected):
@@ -205,8 +205,6 @@ def load_adapter_state(shared: SharedTransformer, adapter: str, state: dict[str,
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise ValueError(f"LoRA state for adapter {adapter!r} does not match the model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]} (was it trained with another model.lora_rank or backbone?)")
-    from ..distributed import like_current
-
     state = like_current(state, own)  # sharded adapters (fsdp) take their shards
     with torch.no_grad():
         for k, p in own.items():

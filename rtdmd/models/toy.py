@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import rng
+from .._io import stable_hash
 from ..checkpoint import load_safetensors, save_safetensors
 from .base import Backbone, Cond
 from .toy_world import UNCONDITIONAL, ToyWorld
@@ -111,6 +112,18 @@ def build_network(world: ToyWorld, model_cfg) -> ToyNetwork:
 
 
 # --------------------------------------------------------------------------------------------- pretraining
+def stage_networks(world: ToyWorld, model_cfg, generator_weights: dict, fake_weights: dict,
+                   device: torch.device | str = "cpu") -> tuple[ToyNetwork, ToyNetwork]:
+    """A stage's trained generator and fake score, loaded: stage 1 starts both from the base network, stage 2 from
+    stage 1's EMA generator and fake score."""
+    nets = []
+    for weights in (generator_weights, fake_weights):
+        net = build_network(world, model_cfg).to(device)
+        net.load_state_dict(weights)
+        nets.append(net)
+    return nets[0], nets[1]
+
+
 def cache_dir() -> Path:
     """Where cached base networks live: ``$RTDMD_CACHE`` or ``~/.cache/rtdmd``."""
     return Path(os.environ.get("RTDMD_CACHE") or Path.home() / ".cache" / "rtdmd")
@@ -137,11 +150,9 @@ def pretrain_base(world: ToyWorld, cfg, *, device: torch.device | str = "cpu",
     regresses ``v*(x_σ, σ)`` — lower variance than the ``ε - x0`` target and with the same minimiser.
     AdamW with a cosine learning-rate decay.
     """
-    from ..config import section_hash  # local: keeps the model package importable without the config
-
     t = cfg.toy
     recipe = base_recipe(cfg)
-    path = cache_dir() / f"toy-base-{section_hash(recipe)}.safetensors"
+    path = cache_dir() / f"toy-base-{stable_hash(recipe)}.safetensors"
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's global RNG alone
         torch.manual_seed(rng.derive_seed(cfg.seed, "base/init"))
         net = build_network(world, cfg.model)

@@ -1,9 +1,10 @@
 """Rewards: one interface, the toy rewards, image rewards (CLIPScore, PickScore, HPSv2.1, aesthetic, plug-ins)
-and weighted mixtures."""
+and weighted mixtures. Problems with the config's ``rewards`` section raise ``ValueError`` with one line naming the
+key; the trainer reports them as config errors."""
 
+import dataclasses
 from pathlib import Path
 
-from ..config import ConfigError, config_to_dict
 from .base import Reward, RewardMixture, WeightedReward
 from .builder import IMAGE_REWARD_KINDS, build_image_reward
 from .plugin import resolve_function
@@ -29,15 +30,15 @@ def build_rewards(cfg, world=None, device=None, *, include_unused: bool = False)
             continue  # a real reward model with weight 0 would be loaded for nothing
         if cfg.model.kind == "toy":
             if name not in TOY_REWARDS:
-                raise ConfigError(f"config key 'rewards.{name}': unknown toy reward (known: {', '.join(TOY_REWARDS)})")
+                raise ValueError(f"config key 'rewards.{name}': unknown toy reward (known: {', '.join(TOY_REWARDS)})")
             reward = TOY_REWARDS[name](world)
         else:
-            reward = build_image_reward(name, config_to_dict(rc), device=device)
+            reward = build_image_reward(name, dataclasses.asdict(rc), device=device)
         if rc.backprop and not reward.differentiable:
-            raise ConfigError(f"config key 'rewards.{name}.backprop': the {name} reward is not differentiable")
+            raise ValueError(f"config key 'rewards.{name}.backprop': the {name} reward is not differentiable")
         out[name] = WeightedReward(reward, rc.weight, rc.backprop)
     if not out:
-        raise ConfigError("config key 'rewards': no reward with a weight or backprop=true")
+        raise ValueError("config key 'rewards': no reward with a weight or backprop=true")
     return RewardMixture(out)
 
 
@@ -48,33 +49,33 @@ def check_reward_specs(cfg) -> None:
     (nor loaded), so it is not checked. A plug-in's module is imported here (it runs that module's code)."""
     used = {name: rc for name, rc in cfg.rewards.items() if rc.weight != 0 or rc.backprop}
     if not used:
-        raise ConfigError("config key 'rewards': no reward with a weight or backprop=true")
+        raise ValueError("config key 'rewards': no reward with a weight or backprop=true")
     for name, rc in used.items():
         if cfg.model.kind == "toy":
             if name not in TOY_REWARDS:
-                raise ConfigError(f"config key 'rewards.{name}': unknown toy reward (known: {', '.join(TOY_REWARDS)};"
+                raise ValueError(f"config key 'rewards.{name}': unknown toy reward (known: {', '.join(TOY_REWARDS)};"
                                   f" remove it with --set rewards.{name}=null)")
             if rc.backprop and not TOY_REWARDS[name].differentiable:
-                raise ConfigError(f"config key 'rewards.{name}.backprop': the {name} reward is not differentiable")
+                raise ValueError(f"config key 'rewards.{name}.backprop': the {name} reward is not differentiable")
             continue
         kind = rc.kind or name
         if rc.function is not None:
             try:
                 resolve_function(rc.function, key=f"rewards.{name}.function")
             except ValueError as e:
-                raise ConfigError(str(e)) from e
+                raise ValueError(str(e).splitlines()[0]) from e
         if rc.function is None and kind not in IMAGE_REWARDS:
-            raise ConfigError(f"config key 'rewards.{name}': unknown reward kind {kind!r} (known: "
+            raise ValueError(f"config key 'rewards.{name}': unknown reward kind {kind!r} (known: "
                               f"{', '.join(IMAGE_REWARDS)}; or set rewards.{name}.function=module:function)")
         differentiable = rc.differentiable if rc.function is not None else kind in DIFFERENTIABLE_IMAGE_REWARDS
         if rc.backprop and not differentiable:
-            raise ConfigError(f"config key 'rewards.{name}.backprop': the {kind} reward is not differentiable")
+            raise ValueError(f"config key 'rewards.{name}.backprop': the {kind} reward is not differentiable")
         if rc.function is None and not rc.path:
-            raise ConfigError(f"config key 'rewards.{name}.path' must be set (a local folder of the {kind} model)")
+            raise ValueError(f"config key 'rewards.{name}.path' must be set (a local folder of the {kind} model)")
         if rc.function is None and kind == "geneval" and not rc.clip_path:
-            raise ConfigError(f"config key 'rewards.{name}.clip_path' must be set (a local CLIP ViT-L/14 folder: "
+            raise ValueError(f"config key 'rewards.{name}.clip_path' must be set (a local CLIP ViT-L/14 folder: "
                               "the geneval colour classifier)")
         for key in ("path", "processor_path", "tokenizer_path", "clip_path"):
             value = getattr(rc, key)
             if value and not Path(value).expanduser().exists():
-                raise ConfigError(f"config key 'rewards.{name}.{key}': no such file or folder: {value}")
+                raise ValueError(f"config key 'rewards.{name}.{key}': no such file or folder: {value}")

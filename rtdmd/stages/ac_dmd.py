@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 import rtdmd_kernels as rk
 
 from .. import rng
-from ..distributed import current
+from ..distributed import DistEnv
 from ..models.base import Backbone
-from ..sampler import sample
-from ..schedule import sigma_tensor
+from ..rollout import sample
+from ..sigmas import sigma_tensor
 from .common import (
-    ModelEMA,
     StageState,
     StepGuard,
     chain_round,
@@ -35,7 +34,6 @@ from .common import (
     fake_score_objective,
     generator_ac_dmd_loss,
     log_record,
-    make_adamw,
     newest_checkpoint,
     show_progress,
     stage_sigmas,
@@ -69,7 +67,12 @@ class Stage1State(StageState):
     def extra_state(self) -> dict:
         return {"last_generator_stats": {k: float(v) for k, v in self.stats.items()}}
 
-    def optimizer_config(self, cfg) -> dict[str, dict]:
+    @classmethod
+    def ema_config(cls, cfg) -> tuple[float, str]:
+        return cfg.stage1.ema_decay, cfg.stage1.ema_dtype
+
+    @classmethod
+    def optimizer_config(cls, cfg) -> dict[str, dict]:
         s1 = cfg.stage1
         common = dict(betas=tuple(s1.adam_betas), eps=s1.adam_eps, weight_decay=s1.weight_decay)
         return {"gen": {"lr": s1.generator_lr, **common}, "fake": {"lr": s1.fake_lr, **common}}
@@ -78,41 +81,16 @@ class Stage1State(StageState):
         self.stats = {k: torch.tensor(v) for k, v in state.get("last_generator_stats", {}).items()}
 
 
-def init_state(base: Backbone, cfg, build_copy: Callable[[], Backbone]) -> Stage1State:
-    """Generator and fake score both start from the base network (docs/method.md §12.1), full parameters."""
-    s1 = cfg.stage1
-    generator, fake = build_copy(), build_copy()
-    generator.load_state_dict(base.state_dict())
-    fake.load_state_dict(base.state_dict())
-    generator.train()
-    fake.train()
-    return Stage1State(generator=generator, fake=fake, ema=ModelEMA(generator, s1.ema_decay, s1.ema_dtype),
-                       gen_opt=make_adamw(generator.parameters(), s1.generator_lr, s1),
-                       fake_opt=make_adamw(fake.parameters(), s1.fake_lr, s1))
-
-
-def init_lora_state(core, cfg) -> tuple[Stage1State, Backbone]:
-    """A real backbone's stage 1 (docs/method.md §12.1): fresh LoRAs for the generator and the fake score on the shared
-    frozen base, the EMA as a shadow adapter; returns the state and the teacher (the base, adapters off)."""
-    from ..models.diffusion import stage1_models
-
-    s1 = cfg.stage1
-    generator, fake, teacher = stage1_models(core, cfg)
-    state = Stage1State(generator=generator, fake=fake, ema=ModelEMA(generator, s1.ema_decay, s1.ema_dtype),
-                        gen_opt=make_adamw(generator.parameters(), s1.generator_lr, s1),
-                        fake_opt=make_adamw(fake.parameters(), s1.fake_lr, s1))
-    return state, teacher
-
-
 class Stage1:
     """One AC-DMD training run over prompts ``prompts`` against ``teacher``."""
 
-    def __init__(self, state: Stage1State, teacher: Backbone, prompts: list[str], cfg, device: torch.device):
+    def __init__(self, state: Stage1State, teacher: Backbone, prompts: list[str], cfg, env: DistEnv):
         self.s = state
+        self.env = env
         self.teacher = teacher
         self.cfg = cfg
         self.s1 = cfg.stage1
-        self.device = device
+        self.device = env.device
         self.sigmas = stage_sigmas(cfg, state.generator)
         self.num_steps = len(self.sigmas) - 1
         self.eta = cfg.schedule.eta
@@ -120,7 +98,7 @@ class Stage1:
         self.guidance = teacher_guidance(cfg)
         b = self.s1.batch_size
         # this rank's block of the global batch (all of it on one process): the RNG contract draws by global index
-        self.indices = list(current().split(b, "stage1.batch_size"))
+        self.indices = list(env.split(b, "stage1.batch_size"))
         # t_r and δ by local position share them over the ranks (the reference broadcasts them from rank 0)
         self.timestep_indices = list(range(len(self.indices))) if self.s1.rank_shared_timesteps else None
         self.prompt_pool = list(prompts)
@@ -135,7 +113,7 @@ class Stage1:
             self.fixed_conds = self._encode(self.prompts)
             self.cond, self.gen_cond = self.fixed_conds
         self.uncond = teacher.encode([""] * len(self.indices)) if self.guidance != 1.0 else None
-        self.guard = StepGuard("stage 1 (ac_dmd)", "step", cfg.nonfinite, device)
+        self.guard = StepGuard("stage 1 (ac_dmd)", "step", cfg.nonfinite, env)
 
     def _encode(self, prompts):
         """(teacher/fake conditioning, generator conditioning): the same text encoders, so usually one call."""
@@ -212,7 +190,7 @@ class Stage1:
         and checkpointing every ``checkpoint_every`` steps and at the end when ``run_dir`` is given."""
         end = self.s1.steps if stop_at is None else min(stop_at, self.s1.steps)
         interval = self.cfg.log.interval
-        bar = tqdm(range(self.s.step, end), desc="stage 1 (AC-DMD)", disable=show_progress(progress),
+        bar = tqdm(range(self.s.step, end), desc="stage 1 (AC-DMD)", disable=show_progress(progress, self.env),
                    leave=False, initial=self.s.step, total=end)
         t0 = time.perf_counter() - self.s.seconds
         for step in bar:
@@ -226,8 +204,8 @@ class Stage1:
             if log_now or save_now or step + 1 == end:  # where the loop syncs anyway
                 self.guard.check(newest_checkpoint(run_dir, 1))
             if log_now:
-                record = log_record({**self.s.stats, **stats, **self.guard.stats()})
+                record = log_record({**self.s.stats, **stats, **self.guard.stats()}, self.env)
                 log_fn({"stage": "ac_dmd", "step": step, **record, "seconds": round(self.s.seconds, 2)})
             if save_now:
-                self.s.save(run_dir, self.s1.keep_checkpoints)
+                self.s.save(run_dir, self.s1.keep_checkpoints, self.env)
         return self.s

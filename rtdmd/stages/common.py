@@ -17,7 +17,18 @@ import rtdmd_kernels as rk
 
 from .. import checkpoint as ck
 from .. import rng
+from ..distributed import DistEnv, check_resume_world
+from ..dtensor import (
+    full_optimizer_state,
+    full_state,
+    full_tensor,
+    like_current,
+    load_optimizer_state,
+    local_tensor,
+    resharded,
+)
 from ..models.base import Backbone, Cond
+from ..sigmas import sd3_sigmas
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -28,8 +39,6 @@ def stage_sigmas(cfg, model: Backbone) -> list[float]:
     rule = getattr(model, "sigmas", None)
     if rule is not None:
         return rule(cfg.schedule.denoising_steps, cfg.schedule.shift)
-    from ..schedule import sd3_sigmas
-
     return sd3_sigmas(cfg.schedule.denoising_steps, cfg.schedule.shift)
 
 
@@ -46,22 +55,17 @@ def encode_for(model: Backbone, prompts, cond: Cond | None = None, like: Backbon
 LOCAL_NORMS = ("dmd_grad_norm",)
 
 
-def log_record(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+def log_record(stats: dict[str, torch.Tensor], env: DistEnv) -> dict[str, float]:
     """Statistics for a log line, over all ranks (a collective: every rank calls it at the same steps) — means,
     and :data:`LOCAL_NORMS` as the norm over the whole batch — then the only host syncs of a step."""
-    from ..distributed import current
-
-    env = current()
     squared = {k: (v.float() ** 2 if k in LOCAL_NORMS else v) for k, v in stats.items()}
     out = env.mean(squared)
     return {k: float((v * env.world).sqrt() if k in LOCAL_NORMS else v) for k, v in out.items()}
 
 
-def show_progress(progress: bool) -> bool | None:
+def show_progress(progress: bool, env: DistEnv) -> bool | None:
     """tqdm's ``disable``: rank 0 only (None = auto: off when not a terminal)."""
-    from ..distributed import current
-
-    return None if progress and current().main else True
+    return None if progress and env.main else True
 
 
 def teacher_guidance(cfg) -> float:
@@ -176,11 +180,6 @@ def generator_ac_dmd_loss(x_s: torch.Tensor, sigma_s: torch.Tensor, cond: Cond, 
     return loss, {"gen_loss": loss.detach(), "dmd_grad_norm": stats["grad_norm"]}
 
 
-def make_adamw(params, lr: float, cfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=tuple(cfg.adam_betas),
-                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-
-
 def newest_checkpoint(run_dir, stage: int) -> str | None:
     """The name of the run's newest checkpoint of ``stage`` (for messages), or None."""
     path = ck.latest_checkpoint(run_dir, stage=stage) if run_dir is not None else None
@@ -201,8 +200,9 @@ class StepGuard:
     :meth:`check` — called where the loop syncs anyway (a log line, a checkpoint) — stops the run, before
     anything non-finite can be saved."""
 
-    def __init__(self, stage: str, counter: str, policy: str, device: torch.device):
-        self.stage, self.counter, self.policy = stage, counter, policy
+    def __init__(self, stage: str, counter: str, policy: str, env: DistEnv):
+        self.stage, self.counter, self.policy, self.env = stage, counter, policy, env
+        device = env.device
         self.names: list[str] = []  # bit i of the masks below is names[i]
         self._bit_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -222,14 +222,12 @@ class StepGuard:
              terms: dict[str, torch.Tensor], norm_name: str) -> torch.Tensor:
         """Average the gradients over ranks (``ddp``; FSDP did it in backward), clip, check, step (or skip) and
         clear the gradients; returns the gradient norm as a tensor."""
-        from ..distributed import _local, current
-
-        env = current()
+        env = self.env
         env.sync_grads(model)
         params = [p for p in model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         checked = {**{k: v for k, v in terms.items() if torch.is_tensor(v)}, norm_name: norm}
-        flags = torch.stack([~torch.isfinite(_local(v).detach().float()).all() for v in checked.values()])
+        flags = torch.stack([~torch.isfinite(full_tensor(v).detach().float()).all() for v in checked.values()])
         flags = env.any(flags)  # every rank takes the same decision
         bad = flags.any()
         mask = (flags.long() * self._bits(tuple(checked))).sum()
@@ -238,7 +236,7 @@ class StepGuard:
         self.bad_terms = torch.where(first, mask, self.bad_terms)
         if self.policy == "skip":
             _prepare_skip(opt)
-            before = [(p, _own(p).clone(), {k: _own(v).clone() for k, v in opt.state.get(p, {}).items()
+            before = [(p, local_tensor(p).clone(), {k: local_tensor(v).clone() for k, v in opt.state.get(p, {}).items()
                                             if torch.is_tensor(v)}) for p in params]
             opt.step()
             with torch.no_grad():
@@ -273,13 +271,8 @@ class StepGuard:
                             "steps instead")
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    """This rank's storage of ``t`` (the local shard of a DTensor): what an in-place undo writes to."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _undo_if(bad: torch.Tensor, t: torch.Tensor, old: torch.Tensor | None) -> None:
-    local = _own(t)
+    local = local_tensor(t)
     local.copy_(torch.where(bad.to(local.device), torch.zeros_like(local) if old is None else old, local))
 
 
@@ -293,6 +286,10 @@ def _prepare_skip(opt: torch.optim.Optimizer) -> None:
                 st = opt.state.get(p, {})
                 if torch.is_tensor(st.get("step")):
                     st["step"] = st["step"].to(p.device, torch.float32)
+
+
+def _adamw(model: nn.Module, settings: dict) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **settings)
 
 
 class ModelEMA:
@@ -310,8 +307,6 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
-        from ..distributed import resharded
-
         resharded(self.module, model)  # under fsdp: shard against shard
         w = 1 - (self.decay if decay is None else decay)
         pairs = zip(self.module.parameters(), model.parameters(), strict=True)
@@ -340,8 +335,6 @@ class ModelEMA:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from ..distributed import like_current
-
         self.module.load_state_dict(like_current(state, self.module.state_dict()))
         if self.fp32:
             current = dict(self.module.named_parameters())
@@ -371,13 +364,30 @@ class StageState:
     seconds: float = 0.0
     trained_now: bool = False  # whether this invocation trained (else a finished run was loaded)
 
-    def extra_state(self) -> dict:
-        return {}
+    @classmethod
+    def create(cls, generator: Backbone, fake: Backbone, cfg) -> StageState:
+        """The state of a new stage around its two trained networks (which the world built and loaded): the
+        generator's EMA and an AdamW over each network's trainable parameters, with the stage's settings."""
+        generator.train()
+        fake.train()
+        decay, dtype = cls.ema_config(cfg)
+        settings = cls.optimizer_config(cfg)
+        return cls(generator=generator, fake=fake, ema=ModelEMA(generator, decay, dtype),
+                   gen_opt=_adamw(generator, settings["gen"]), fake_opt=_adamw(fake, settings["fake"]))
 
-    def optimizer_config(self, cfg) -> dict[str, dict]:
+    @classmethod
+    def ema_config(cls, cfg) -> tuple[float, str]:
+        """The generator EMA's (decay, dtype)."""
+        raise NotImplementedError
+
+    @classmethod
+    def optimizer_config(cls, cfg) -> dict[str, dict]:
         """``{"gen": settings, "fake": settings}``: the optimizers' learning rate, betas, eps and weight decay
         as the config gives them (per stage)."""
         raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        return {}
 
     def apply_optimizer_config(self, cfg) -> None:
         """Set the config's optimizer settings on both optimizers (a resumed state carries the old ones)."""
@@ -389,11 +399,8 @@ class StageState:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def save(self, run_dir, keep: int) -> None:
+    def save(self, run_dir, keep: int, env: DistEnv) -> None:
         """Every rank calls this (gathering sharded state is a collective); rank 0 writes the full state."""
-        from ..distributed import current, full_optimizer_state, full_state
-
-        env = current()
         modules = {"generator": full_state(self.generator.state_dict()),
                    "generator_ema": full_state(self.ema.state_dict()),
                    "fake_score": full_state(self.fake.state_dict())}
@@ -409,13 +416,11 @@ class StageState:
             ck.prune_checkpoints(run_dir, keep)
         env.barrier()
 
-    def load(self, path) -> None:
+    def load(self, path, env: DistEnv) -> None:
         """Load a checkpoint (a path, or a :class:`~rtdmd.checkpoint.Checkpoint` already loaded) into this state's
         current placement; the same world size as it was saved with."""
-        from ..distributed import check_resume_world, current, like_current, load_optimizer_state
-
         c = path if isinstance(path, ck.Checkpoint) else ck.load_checkpoint(path)
-        check_resume_world(c.state.get("world_size"), current(), str(path))
+        check_resume_world(c.state.get("world_size"), env, str(path))
         self.generator.load_state_dict(like_current(c.modules["generator"], self.generator.state_dict()))
         self.fake.load_state_dict(like_current(c.modules["fake_score"], self.fake.state_dict()))
         self.ema.load_state_dict(c.modules["generator_ema"])

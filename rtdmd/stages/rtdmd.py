@@ -27,15 +27,13 @@ from tqdm.auto import tqdm
 
 import rtdmd_kernels as rk
 
-from .. import checkpoint as ck
 from .. import rng
-from ..distributed import current
+from ..distributed import DistEnv
 from ..models.base import Backbone
 from ..rewards import RewardMixture
-from ..sampler import Rollout, rollout
-from ..schedule import sigma_tensor
+from ..rollout import Rollout, rollout
+from ..sigmas import sigma_tensor
 from .common import (
-    ModelEMA,
     StageState,
     StepGuard,
     draw_subinterval,
@@ -86,41 +84,16 @@ class Stage2State(StageState):
     def epoch(self, value: int) -> None:
         self.index = value
 
-    def optimizer_config(self, cfg) -> dict[str, dict]:
+    @classmethod
+    def ema_config(cls, cfg) -> tuple[float, str]:
+        return cfg.stage2.ema_decay, cfg.stage1.ema_dtype
+
+    @classmethod
+    def optimizer_config(cls, cfg) -> dict[str, dict]:
         s2 = cfg.stage2
         common = dict(betas=tuple(s2.adam_betas), eps=s2.adam_eps)
         return {"gen": {"lr": s2.lr, "weight_decay": s2.weight_decay, **common},
                 "fake": {"lr": s2.fake_lr, "weight_decay": 0.0, **common}}
-
-
-def init_state(stage1_ckpt, cfg, build_copy: Callable[[], Backbone]) -> Stage2State:
-    """Generator from stage 1's EMA weights, fake score from stage 1's fake score (docs/method.md §8; full parameters
-    for the toy; real backbones use :func:`init_lora_state`). ``stage1_ckpt``: a path or a loaded checkpoint."""
-    c = stage1_ckpt if isinstance(stage1_ckpt, ck.Checkpoint) else ck.load_checkpoint(stage1_ckpt)
-    generator, fake = build_copy(), build_copy()
-    generator.load_state_dict(c.modules["generator_ema"])
-    fake.load_state_dict(c.modules["fake_score"])
-    generator.train()
-    fake.train()
-    return _state(generator, fake, cfg)
-
-
-def _state(generator: Backbone, fake: Backbone, cfg) -> Stage2State:
-    s2 = cfg.stage2
-    adam = dict(betas=tuple(s2.adam_betas), eps=s2.adam_eps)
-    return Stage2State(
-        generator=generator, fake=fake, ema=ModelEMA(generator, s2.ema_decay, cfg.stage1.ema_dtype),
-        gen_opt=torch.optim.AdamW(generator.parameters(), lr=s2.lr, weight_decay=s2.weight_decay, **adam),
-        fake_opt=torch.optim.AdamW(fake.parameters(), lr=s2.fake_lr, weight_decay=0.0, **adam))
-
-
-def init_lora_state(core, cfg, stage1_modules: dict) -> tuple[Stage2State, Backbone]:
-    """A real backbone's stage 2 (docs/method.md §8): stage 1's EMA generator and fake-score LoRAs frozen under fresh
-    adapters (:func:`rtdmd.models.diffusion.stage2_models`); returns the state and the teacher."""
-    from ..models.diffusion import stage2_models
-
-    generator, fake, teacher = stage2_models(core, cfg, stage1_modules)
-    return _state(generator, fake, cfg), teacher
 
 
 @dataclass
@@ -142,26 +115,26 @@ class Stage2:
     """RTDMD epochs on ``prompts`` against ``teacher`` with ``rewards``."""
 
     def __init__(self, state: Stage2State, teacher: Backbone, prompts: list[str], rewards: RewardMixture, cfg,
-                 device: torch.device):
+                 env: DistEnv):
         self.s = state
+        self.env = env
         self.teacher = teacher
         self.all_prompts = list(prompts)
         self.rewards = rewards
         self.cfg = cfg
         self.s1, self.s2 = cfg.stage1, cfg.stage2
-        self.device = device
+        self.device = env.device
         self.sigmas = stage_sigmas(cfg, state.generator)
         self.num_steps = len(self.sigmas) - 1
         self.eta = cfg.schedule.eta
         self.guidance = teacher_guidance(cfg)
         self.shape = tuple(state.generator.latent_shape)
         self.prompt_ids = {p: i for i, p in reversed(list(enumerate(self.all_prompts)))}  # first occurrence
-        self.env = current()
         if self.s2.num_batches % self.env.world:
             raise ValueError(f"stage2.num_batches ({self.s2.num_batches}, over all processes) must be a multiple "
                              f"of the {self.env.world} processes")
         self.local_batches = self.s2.num_batches // self.env.world
-        self.guard = StepGuard("stage 2 (rtdmd)", "epoch", cfg.nonfinite, device)
+        self.guard = StepGuard("stage 2 (rtdmd)", "epoch", cfg.nonfinite, env)
 
     # ------------------------------------------------------------------ rollout
     def epoch_prompts(self, epoch: int) -> list[str]:
@@ -350,7 +323,7 @@ class Stage2:
         """Train from ``state.epoch`` to ``stage2.steps`` (or ``stop_at``); ``evaluate(epoch, ema_generator)`` runs
         before every ``stage2.eval_every``-th epoch, as the reference evaluates with the EMA swapped in."""
         end = self.s2.steps if stop_at is None else min(stop_at, self.s2.steps)
-        bar = tqdm(range(self.s.epoch, end), desc="stage 2 (RTDMD)", disable=show_progress(progress),
+        bar = tqdm(range(self.s.epoch, end), desc="stage 2 (RTDMD)", disable=show_progress(progress, self.env),
                    leave=False, initial=self.s.epoch, total=end)
         t0 = time.perf_counter() - self.s.seconds
         for epoch in bar:
@@ -363,9 +336,9 @@ class Stage2:
             save_now = run_dir is not None and (self.s.epoch % self.s2.checkpoint_every == 0 or self.s.epoch == end)
             self.guard.check(newest_checkpoint(run_dir, 2))  # every epoch syncs (the zero-advantage filter)
             if log_now:
-                log_fn({"stage": "rtdmd", "step": epoch, **log_record({**stats, **self.guard.stats()}),
+                log_fn({"stage": "rtdmd", "step": epoch, **log_record({**stats, **self.guard.stats()}, self.env),
                         "seconds": round(self.s.seconds, 2)})
             if save_now:
-                self.s.save(run_dir, self.s2.keep_checkpoints)
+                self.s.save(run_dir, self.s2.keep_checkpoints, self.env)
         return self.s
 

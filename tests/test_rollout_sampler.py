@@ -11,8 +11,8 @@ import rtdmd_kernels as rk
 from rtdmd import rng
 from rtdmd.models.toy import ExactTeacher
 from rtdmd.models.toy_world import ToyWorld
-from rtdmd.sampler import draw_noises, generate, rollout, sample
-from rtdmd.schedule import sd3_sigmas
+from rtdmd.rollout import draw_noises, generate, rollout, sample
+from rtdmd.sigmas import sd3_sigmas
 
 SIGMAS = sd3_sigmas()
 

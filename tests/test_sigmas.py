@@ -2,7 +2,7 @@
 
 import pytest
 
-from rtdmd.schedule import sd3_sigmas, static_shift, uniform_denoising_steps
+from rtdmd.sigmas import sd3_sigmas, static_shift, uniform_denoising_steps
 
 
 def test_sd3_schedule_matches_spec():
@@ -36,7 +36,7 @@ import math  # noqa: E402
 
 import torch  # noqa: E402
 
-from rtdmd.schedule import (  # noqa: E402
+from rtdmd.sigmas import (  # noqa: E402
     dynamic_shift,
     dynamic_shift_sigmas,
     flux2_empirical_mu,

@@ -17,6 +17,7 @@ import torch
 import rtdmd_kernels as rk
 
 from . import rng
+from .distributed import DistEnv
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -104,19 +105,18 @@ def rollout(velocity_fn: VelocityFn, x_T: torch.Tensor, sigmas: Sequence[float] 
 
 def generate(backbone, prompts: Sequence[str], *, sigmas: Sequence[float], eta: float, seed: int,
              stream: str = "eval", step: int = 0, indices: Sequence[int] | None = None, batch_size: int = 1024,
-             device: torch.device | str = "cpu") -> torch.Tensor:
+             device: torch.device | str | None = None, env: DistEnv | None = None) -> torch.Tensor:
     """Samples of ``backbone`` for ``prompts`` (one each) under the RNG contract, float32 on the CPU.
 
     Sample ``i`` uses global index ``indices[i]`` (default ``i``) of ``stream``/``step`` for its ``x_T``
     and CPS noises, and the prompts are encoded chunk by chunk — so the result does not depend on
-    ``batch_size``."""
+    ``batch_size``. Under several processes (``env``) every rank samples its block and all get the whole result
+    (a collective); ``device`` defaults to the env's (else the CPU)."""
     indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(indices)} indices")
-    from .distributed import current
-
-    env = current()
-    if env.active:  # every rank samples its block (padded to equal sizes: FSDP needs the same calls everywhere)
+    device = device if device is not None else env.device if env is not None else "cpu"
+    if env is not None and env.active:  # each rank its block, padded to equal sizes (FSDP: the same calls everywhere)
         per = -(-len(prompts) // env.world)
         mine = [min(i, len(prompts) - 1) for i in range(env.rank * per, (env.rank + 1) * per)] if prompts else []
         local = _generate_local(backbone, [prompts[i] for i in mine], [indices[i] for i in mine], sigmas, eta, seed,
