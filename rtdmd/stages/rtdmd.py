@@ -111,6 +111,25 @@ class EpochData:
     advantages: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
 
+@dataclass
+class SubBatch:
+    """One policy sub-batch: its rows of the epoch (on the device, and as a host list), prompts, generator
+    conditioning and advantages."""
+
+    rows: torch.Tensor
+    row_list: list[int]
+    prompts: list[str]
+    cond: object
+    adv: torch.Tensor
+
+    @classmethod
+    def of(cls, data: EpochData, rows: torch.Tensor, generator: Backbone, device: torch.device) -> SubBatch:
+        row_list = rows.tolist()  # rows live on the host: read them there, before the move (no syncs)
+        rows = rows.to(device)
+        prompts = [data.prompts[i] for i in row_list]
+        return cls(rows, row_list, prompts, generator.encode(prompts), data.advantages[rows])
+
+
 class Stage2:
     """RTDMD epochs on ``prompts`` against ``teacher`` with ``rewards``."""
 
@@ -230,63 +249,72 @@ class Stage2:
         perm = torch.from_numpy(rng.integers(self.cfg.seed, f"{STREAM}/perm", epoch, 0, 2**62, size=len(kept)))
         return torch.tensor(kept)[perm.argsort()]
 
+    # ------------------------------------------------------------------ the policy update, term by term
+    def terms_at(self, j: int, ppo_steps: list[int]) -> tuple[str, ...]:
+        """The loss terms trained at sampler step ``j`` (docs/method.md §8): ``ppo`` at SubGRPO's steps, and at the
+        last step ``aux`` (AC-DMD) and ``bp`` (reward back-propagation), all sharing one generator forward; a term
+        whose weight is 0 is left out."""
+        s2, last = self.s2, self.num_steps - 1
+        applies = {"ppo": j in ppo_steps and s2.ppo_weight > 0,
+                   "aux": j == last and s2.aux_weight > 0,
+                   "bp": j == last and s2.bp_scale > 0 and bool(self.rewards.backprop_names)}
+        return tuple(term for term, on in applies.items() if on)
+
+    def step_loss(self, terms: tuple[str, ...], j: int, data: EpochData, batch: SubBatch, epoch: int
+                  ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+        """One generator forward at step ``j`` on a sub-batch and the weighted sum of ``terms`` there, with each
+        term's statistics (detached)."""
+        s2, gen, rows = self.s2, self.s.generator, batch.rows
+        s, sn = self.sigmas[j], self.sigmas[j + 1]
+        x_j = data.latents[rows, j]
+        v = gen.velocity(x_j, torch.full((len(rows),), s, device=self.device), batch.cond)
+        loss, stats = torch.zeros((), device=self.device), {}
+        if "ppo" in terms:
+            l_ppo, st = rk.ppo_clip_loss(x_j, v, data.next_latents[rows, j], data.log_probs[rows, j], batch.adv, s, sn,
+                                         eta=self.eta, clip_range=s2.clip_range, adv_clip=s2.adv_clip,
+                                         return_stats=True)
+            loss = loss + s2.ppo_weight * l_ppo
+            stats["ppo"] = {"ppo_loss": l_ppo, "clip_fraction": st["clip_fraction"], "ratio_mean": st["ratio_mean"]}
+        if "aux" in terms or "bp" in terms:  # the last step's x0 with gradient, shared by both terms
+            x_s, _ = rk.cps_step(x_j, v, s, sn, eta=self.eta, noise=data.noises[rows, j])
+        if "aux" in terms:
+            sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch, [data.index[i] for i in batch.row_list], sn,
+                                   self.shape, self.s1, device=self.device, consistency=False)
+            uncond = self.teacher.encode([""] * len(rows)) if self.guidance != 1.0 else None
+            l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(rows),), sn, device=self.device),
+                                             encode_for(self.teacher, batch.prompts, batch.cond, like=gen), uncond,
+                                             self.teacher, self.s.fake, sub, guidance=self.guidance, eta=self.eta)
+            loss = loss + s2.aux_weight * l_aux
+            stats["aux"] = {"aux_loss": l_aux}
+        if "bp" in terms:
+            x_bp = x_s if s2.bp_steps == 1 else self._rerun_last_steps(data, rows, batch.cond)
+            images = gen.decode(x_bp, chunk=s2.bp_batch_size, checkpoint=s2.vae_checkpointing)
+            r = self.rewards.backprop_score(images, batch.prompts)
+            l_bp = s2.bp_scale * torch.relu(s2.bp_margin - r).mean()
+            loss = loss + l_bp
+            stats["bp"] = {"bp_loss": l_bp}
+        return loss, stats
+
     def policy_update(self, data: EpochData, rows: torch.Tensor, ppo_steps: list[int], epoch: int
                       ) -> dict[str, torch.Tensor]:
+        """The epoch's generator step: every sub-batch runs each trained step's terms (:meth:`terms_at`), one
+        backward per step, gradients accumulated; then one clipped, checked AdamW step and the EMA calls."""
         s2, gen = self.s2, self.s.generator
-        last = self.num_steps - 1
-        train_steps = sorted(set(ppo_steps) | {last})
+        plan = [(j, self.terms_at(j, ppo_steps)) for j in sorted(set(ppo_steps) | {self.num_steps - 1})]
         n_sub = min(self.local_batches, len(rows))
-        calls = n_sub * len(train_steps)  # backward calls per optimizer step (the reference's 48)
+        calls = n_sub * len(plan)  # backward calls per optimizer step (the reference's 48)
+        per_term = {"ppo": n_sub * len(ppo_steps), "aux": n_sub, "bp": n_sub}  # a statistic: mean over its calls
         sums: dict[str, torch.Tensor] = {}
-        per_call = {"ppo": n_sub * len(ppo_steps), "last": n_sub}  # averages over the calls that have the term
-
-        def add(k, v, where):
-            sums[k] = sums.get(k, 0) + v.detach() / per_call[where]
-
         for b, sub_rows in enumerate(torch.tensor_split(rows, n_sub)):
-            row_list = sub_rows.tolist()  # rows live on the host: read them there, before the move (no syncs)
-            sub_rows = sub_rows.to(self.device)
-            prompts = [data.prompts[i] for i in row_list]
-            cond = gen.encode(prompts)
-            adv = data.advantages[sub_rows]
-            for j in train_steps:
-                if not ((j in ppo_steps and s2.ppo_weight > 0) or (j == last and (s2.aux_weight > 0 or (
-                        s2.bp_scale > 0 and self.rewards.backprop_names)))):
+            batch = SubBatch.of(data, sub_rows, gen, self.device)
+            for j, terms in plan:
+                if not terms:
                     continue  # no term at this step (e.g. the no-PPO ablation): skip its forward
-                s, sn = self.sigmas[j], self.sigmas[j + 1]
-                x_j = data.latents[sub_rows, j]
-                v = gen.velocity(x_j, torch.full((len(sub_rows),), s, device=self.device), cond)
-                loss = torch.zeros((), device=self.device)
-                if j in ppo_steps and s2.ppo_weight > 0:
-                    l_ppo, st = rk.ppo_clip_loss(x_j, v, data.next_latents[sub_rows, j], data.log_probs[sub_rows, j],
-                                                 adv, s, sn, eta=self.eta, clip_range=s2.clip_range,
-                                                 adv_clip=s2.adv_clip, return_stats=True)
-                    loss = loss + s2.ppo_weight * l_ppo
-                    add("ppo_loss", l_ppo, "ppo")
-                    add("clip_fraction", st["clip_fraction"], "ppo")
-                    add("ratio_mean", st["ratio_mean"], "ppo")
-                if j == last:
-                    x_s, _ = rk.cps_step(x_j, v, s, sn, eta=self.eta, noise=data.noises[sub_rows, j])
-                    if s2.aux_weight > 0:
-                        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch,
-                                               [data.index[i] for i in row_list], sn, self.shape,
-                                               self.s1, device=self.device, consistency=False)
-                        l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(sub_rows),), sn, device=self.device),
-                                                         encode_for(self.teacher, prompts, cond, like=gen),
-                                                         self.teacher.encode([""] * len(prompts))
-                                                         if self.guidance != 1.0 else None,
-                                                         self.teacher, self.s.fake, sub, guidance=self.guidance,
-                                                         eta=self.eta)
-                        loss = loss + s2.aux_weight * l_aux
-                        add("aux_loss", l_aux, "last")
-                    if s2.bp_scale > 0 and self.rewards.backprop_names:
-                        x_bp = x_s if s2.bp_steps == 1 else self._rerun_last_steps(data, sub_rows, cond)
-                        images = gen.decode(x_bp, chunk=s2.bp_batch_size, checkpoint=s2.vae_checkpointing)
-                        r = self.rewards.backprop_score(images, prompts)
-                        l_bp = s2.bp_scale * torch.relu(s2.bp_margin - r).mean()
-                        loss = loss + l_bp
-                        add("bp_loss", l_bp, "last")
+                loss, stats = self.step_loss(terms, j, data, batch, epoch)
                 (loss / calls).backward()
+                for term, values in stats.items():
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0) + v.detach() / per_term[term]
             if s2.ema_per_sub_batch and b < n_sub - 1:  # method.md §13.2: after every sub-batch, params not yet stepped
                 self.s.ema.step(gen, epoch, s2.ema_interval)
         sums["gen_grad_norm"] = self.guard.step(gen, self.s.gen_opt, s2.grad_clip, epoch, sums, "gen_grad_norm")
