@@ -114,7 +114,7 @@ def run_one(setting: str, tiny: bool, samples: int) -> dict:
              "stage2.prompts_per_epoch=1",
              "stage2.sampling_batches=1", "stage2.num_batches=1", f"stage2.sample_batch_size={samples}",
              f"stage2.fake_batch_size={min(samples, 8)}", "stage2.bp_batch_size=0", "model.lora_rank=32",
-             "model.lora_alpha=64", "model.teacher_guidance=4.5", "device=cpu"]
+             "model.lora_alpha=64", "ac_dmd.teacher_guidance=4.5", "device=cpu"]
     cfg = load_config("sd35m", overrides=over)
     gen1, fake1, _ = stage1_models(core, cfg)  # stage 1's (fresh) adapters stand in for a trained stage 1
     s1 = {"generator_ema": gen1.state_dict(), "fake_score": fake1.state_dict()}

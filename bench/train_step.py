@@ -43,7 +43,7 @@ def build_stage2(tmp_dir, overrides=(), device: str = "cpu"):
     s1.s.save(Path(tmp_dir), keep=1, env=s1.env)
     cfg, world = s1.cfg, s1.teacher.world
     c = ck.load_checkpoint(ck.latest_checkpoint(Path(tmp_dir), stage=1))
-    state = init_state(2, *toy.stage_networks(world, cfg.model, c.modules["generator_ema"], c.modules["fake_score"],
+    state = init_state(2, *toy.stage_networks(world, cfg.toy, c.modules["generator_ema"], c.modules["fake_score"],
                                               device), cfg)
     return Stage2(state, s1.teacher, world.prompts(), build_rewards(cfg, world), cfg, s1.env)
 
@@ -53,8 +53,8 @@ def build_stage1(overrides=(), device: str = "cpu") -> Stage1:
     cfg = load_config("toy", overrides=list(overrides))
     world = toy.build_world(cfg)
     torch.manual_seed(0)
-    base = toy.build_network(world, cfg.model).to(device)
-    state = init_state(1, *toy.stage_networks(world, cfg.model, base.state_dict(), base.state_dict(), device), cfg)
+    base = toy.build_network(world, cfg.toy).to(device)
+    state = init_state(1, *toy.stage_networks(world, cfg.toy, base.state_dict(), base.state_dict(), device), cfg)
     return Stage1(state, toy.ExactTeacher(world).to(device), world.prompts(), cfg, DistEnv(device=torch.device(device)))
 
 

@@ -27,10 +27,10 @@ import yaml
 from ._io import atomic_write_text
 
 __all__ = [
-    "ConfigError", "Config", "ModelConfig", "ToyConfig", "ScheduleConfig", "RewardConfig", "Stage1Config",
-    "Stage2Config", "DataConfig", "EvalConfig", "LogConfig", "DistributedConfig", "load_config", "config_from_dict",
-    "config_to_dict", "save_config", "available_presets", "validate", "changed_keys", "resumable",
-    "RESUMABLE",
+    "ConfigError", "Config", "ModelConfig", "ToyConfig", "ScheduleConfig", "ACDMDConfig", "RewardConfig",
+    "Stage1Config", "Stage2Config", "DataConfig", "EvalConfig", "LogConfig", "DistributedConfig", "load_config",
+    "config_from_dict", "config_to_dict", "save_config", "available_presets", "validate", "changed_keys", "resumable",
+    "RESUMABLE", "MOVED",
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -78,16 +78,11 @@ def _check_steps(v: list[int]) -> str | None:
 
 @dataclass
 class ModelConfig:
-    """The backbone: the toy network, or a real one (SD3 / SD3.5, FLUX.2-klein) from local diffusers folders."""
+    """The backbone: ``kind: toy`` trains the toy network of the ``toy`` section; the other kinds a real one (SD3 /
+    SD3.5, FLUX.1, FLUX.2-klein) from local diffusers folders, which the other keys describe."""
 
     kind: Literal["toy", "sd3", "flux1", "flux2"] = "toy"  # toy, or a StableDiffusion3 / Flux / Flux2Klein folder
-    path: str | None = None  # real backbones: the local diffusers folder of the base (teacher and fake score)
-    num_layers: int = field(default=2, metadata=_rng(1))  # toy network: transformer layers
-    num_heads: int = field(default=2, metadata=_rng(1))  # toy network: attention heads
-    head_dim: int = field(default=32, metadata=_rng(1))  # toy network: width of each head
-    prompt_tokens: int = field(default=4, metadata=_rng(1))  # toy network: learned tokens per prompt
-    text_dim: int = field(default=64, metadata=_rng(1))  # toy network: joint_attention_dim
-    pooled_dim: int = field(default=32, metadata=_rng(1))  # toy network: pooled prompt embedding width
+    path: str | None = None  # the local diffusers folder of the base (teacher and fake score)
     lora_rank: int = field(default=0, metadata=_rng(0))  # LoRA rank of generator and fake score; 0 = full parameters
     lora_alpha: float = field(default=0.0, metadata=_rng(0))  # LoRA alpha (scale alpha/rank); 0 = same as the rank
     generator_path: str | None = None  # FLUX.2: the generator starts from klein (method.md §8); null = model.path
@@ -95,13 +90,12 @@ class ModelConfig:
     resolution: int = field(default=512, metadata=_rng(16))  # training images are resolution x resolution px
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers: optional, CUDA only
     max_sequence_length: int = field(default=0, metadata=_rng(0))  # text tokens; 0 = the reference's (128 / 512)
-    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # teacher CFG vs "" (FLUX.1: its guidance input)
     gradient_checkpointing: bool = True  # the generator's transformer blocks (the reference: on)
 
 
 @dataclass
 class ToyConfig:
-    """The analytic toy world (docs/toy.md): its data, exact teacher, evaluation and base-network pretraining."""
+    """The analytic toy world (docs/toy.md): its data, network, exact teacher, evaluation and base pretraining."""
 
     num_prompts: int = field(default=4, metadata=_rng(1))  # prompts "toy prompt 0" ...
     num_components: int = field(default=3, metadata=_rng(1))  # Gaussian components per prompt
@@ -111,7 +105,12 @@ class ToyConfig:
     min_weight: float = field(default=0.15, metadata=_rng(0, lo_ex=True))  # least mixture weight, <= 1/num_components
     std_range: list[float] = field(default_factory=lambda: [0.3, 0.6],
                                    metadata={"check": _check_std_range})  # component stds, uniform in the range
-    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # the toy teacher's CFG; 1 = exact target
+    num_layers: int = field(default=2, metadata=_rng(1))  # network: transformer layers
+    num_heads: int = field(default=2, metadata=_rng(1))  # network: attention heads
+    head_dim: int = field(default=32, metadata=_rng(1))  # network: width of each head
+    prompt_tokens: int = field(default=4, metadata=_rng(1))  # network: learned tokens per prompt
+    text_dim: int = field(default=64, metadata=_rng(1))  # network: joint_attention_dim
+    pooled_dim: int = field(default=32, metadata=_rng(1))  # network: pooled prompt embedding width
     n_eval: int = field(default=2048, metadata=_rng(2))  # samples per prompt in every evaluation row
     beta: float = field(default=1.0, metadata=_rng(0))  # the beta of the fd_tilted_at_beta diagnostic
     beta_max: float = field(default=4.0, metadata=_rng(0, lo_ex=True))  # beta_hat is searched on [0, beta_max] ...
@@ -131,6 +130,20 @@ class ScheduleConfig:
                                        metadata={"check": _check_steps})  # the distilled step list
     shift: float = field(default=3.0, metadata=_rng(0, lo_ex=True))  # static shift (SD3); FLUX.2 uses its dynamic shift
     eta: float = field(default=0.9, metadata=_rng(0, 1))  # CPS stochasticity; 0 = Euler steps
+
+
+@dataclass
+class ACDMDConfig:
+    """What both stages' AC-DMD parts share (method.md §4): the teacher's guidance, the renoise draws and the
+    fake-score objective. Stage 1 uses them every step, stage 2 in its fake step and auxiliary term."""
+
+    teacher_guidance: float = field(default=1.0, metadata=_rng(0))  # teacher CFG vs "" (FLUX.1: its guidance input)
+    renoise_offset: int = field(default=10, metadata=_rng(0))  # t_r ~ U[1000·σ_s + offset, 1000)
+    renoise_min: int = field(default=20, metadata=_rng(0, 1000))  # clamp of t_r (method.md §4.1.2)
+    renoise_max: int = field(default=980, metadata=_rng(0, 1000))  # clamp of t_r
+    fake_weight_max: float = field(default=10.0, metadata=_rng(0, lo_ex=True))  # clamp of 1/σ_ts² (method.md §4.2)
+    consistency_weight: float = field(default=0.01, metadata=_rng(0))  # the consistency term's weight γ
+    consistency_epsilon: int = field(default=200, metadata=_rng(1))  # δ ~ U{1..ε} timesteps
 
 
 @dataclass
@@ -177,13 +190,7 @@ class Stage1Config:
     ema_dtype: Literal["param", "float32"] = "param"  # method.md §13.18: the reference keeps the EMA in param dtype
     random_stop: bool = True  # stop index ~ U{1..K}; false = always unroll all K steps
     chain_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # method.md §13.4: the reference's chain is bf16
-    renoise_offset: int = field(default=10, metadata=_rng(0))  # t_r ~ U[1000·σ_s + offset, 1000)
-    renoise_min: int = field(default=20, metadata=_rng(0, 1000))  # clamp of t_r (method.md §4.1.2)
-    renoise_max: int = field(default=980, metadata=_rng(0, 1000))  # clamp of t_r
-    fake_weight_max: float = field(default=10.0, metadata=_rng(0, lo_ex=True))  # clamp of 1/σ_ts² (method.md §4.2)
-    consistency: bool = True  # the fake score's consistency regulariser (method.md §4.2)
-    consistency_weight: float = field(default=0.01, metadata=_rng(0))  # its weight γ
-    consistency_epsilon: int = field(default=200, metadata=_rng(1))  # δ ~ U{1..ε} timesteps
+    consistency: bool = True  # the fake score's consistency regulariser (method.md §4.2; weight and ε: ac_dmd)
     rollout_checkpoint: bool = True  # rk.checkpointed_rollout: keep only the grad step's input
     rank_shared_timesteps: bool = False  # t_r, δ shared by the ranks as the reference's broadcast (method.md §13.23)
     fake_gradient_checkpointing: bool = True  # the fake score's blocks (the reference: on in stage 1)
@@ -193,7 +200,7 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    """RTDMD (method.md §5–§8, §12.2). The AC-DMD sub-interval and fake-score objective keys are stage1's."""
+    """RTDMD (method.md §5–§8, §12.2). The AC-DMD draws and fake-score objective are the ``ac_dmd`` section's."""
 
     steps: int = field(default=100, metadata=_rng(0))  # epochs: one rollout, one fake and one generator step
     group_size: int = field(default=24, metadata=_rng(2))  # K samples per prompt per epoch
@@ -208,7 +215,7 @@ class Stage2Config:
     grad_clip: float = field(default=1.0, metadata=_rng(0, lo_ex=True))  # gradient-norm clip of both steps
     fake_lr: float = field(default=3e-5, metadata=_rng(0, lo_ex=True))  # AdamW learning rate of the fake score
     fake_batch_size: int = field(default=8, metadata=_rng(1))  # chunks of the one fake step per epoch
-    consistency: bool = True  # the fake score's consistency term in stage 2 (its weight and ε are stage1's)
+    consistency: bool = True  # the fake score's consistency term in stage 2 (weight and ε: ac_dmd)
     ppo_steps: int = field(default=2, metadata=_rng(0))  # SubGRPO: PPO steps drawn per epoch ...
     ppo_step_range: list[int] = field(default_factory=lambda: [0, 2], metadata={"check": _check_range})  # ... here
     ppo_weight: float = field(default=1.0, metadata=_rng(0))  # weight of the PPO loss
@@ -220,6 +227,7 @@ class Stage2Config:
     bp_steps: int = field(default=1, metadata=_rng(1))  # back-propagate through the last k steps (k > 1: ours)
     ema_decay: float = field(default=0.9, metadata=_rng(0, 1))  # generator EMA decay, after a warm-up
     ema_interval: int = field(default=8, metadata=_rng(1))  # EMA update every N-th optimizer step
+    ema_dtype: Literal["param", "float32"] = "param"  # as stage1.ema_dtype (method.md §13.18)
     ema_per_sub_batch: bool = True  # method.md §13.2: the reference calls the EMA after every sub-batch
     lora_init: Literal["reference", "peft"] = "reference"  # fresh adapter: A ~ N(0,1) (method.md §13.3) or N(0,1/r)
     fake_gradient_checkpointing: bool = True  # ours; the reference runs the stage-2 fake without it
@@ -271,6 +279,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ac_dmd: ACDMDConfig = field(default_factory=ACDMDConfig)
     rewards: dict[str, RewardConfig] = field(default_factory=_default_rewards)
     data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -310,7 +319,19 @@ def _optional_inner(tp: Any) -> Any | None:
     return None
 
 
+#: keys that moved (the config schema of December 2026): naming the old one fails with the new one's name
+MOVED = {
+    **{f"model.{k}": f"toy.{k}" for k in ("num_layers", "num_heads", "head_dim", "prompt_tokens", "text_dim",
+                                            "pooled_dim")},
+    "model.teacher_guidance": "ac_dmd.teacher_guidance", "toy.teacher_guidance": "ac_dmd.teacher_guidance",
+    **{f"stage1.{k}": f"ac_dmd.{k}" for k in ("renoise_offset", "renoise_min", "renoise_max", "fake_weight_max",
+                                              "consistency_weight", "consistency_epsilon")},
+}
+
+
 def _unknown(key: str, known: Sequence[str], prefix: str) -> ConfigError:
+    if key in MOVED:
+        return ConfigError(f"config key '{key}' is now '{MOVED[key]}'")
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
@@ -427,9 +448,9 @@ def validate(cfg: Config) -> None:
     if t.beta_step > t.beta_max:
         raise ConfigError(f"config key 'toy.beta_step' must be <= toy.beta_max = {_fmt(t.beta_max)}, "
                           f"got {_fmt(t.beta_step)}")
-    if cfg.stage1.renoise_min > cfg.stage1.renoise_max:
-        raise ConfigError(f"config key 'stage1.renoise_min' must be <= stage1.renoise_max = "
-                          f"{cfg.stage1.renoise_max}, got {cfg.stage1.renoise_min}")
+    if cfg.ac_dmd.renoise_min > cfg.ac_dmd.renoise_max:
+        raise ConfigError(f"config key 'ac_dmd.renoise_min' must be <= ac_dmd.renoise_max = "
+                          f"{cfg.ac_dmd.renoise_max}, got {cfg.ac_dmd.renoise_min}")
     s2, n_steps = cfg.stage2, len(cfg.schedule.denoising_steps)
     if s2.ppo_steps > 0 and n_steps == 1:
         raise ConfigError("config key 'stage2.ppo_steps' must be 0 with one sampler step (schedule.denoising_steps "
@@ -460,10 +481,10 @@ def validate(cfg: Config) -> None:
     if m.kind == "toy" and any(s % TOY_PATCH_SIZE for s in t.latent_shape[1:]):
         raise ConfigError(f"config key 'toy.latent_shape' must have height and width divisible by the toy "
                           f"network's patch size {TOY_PATCH_SIZE}, got {t.latent_shape}")
-    if m.kind == "toy" and m.num_heads * m.head_dim % 2:
+    if m.kind == "toy" and t.num_heads * t.head_dim % 2:
         # SD3's sin-cos positional embedding needs an even inner dim (num_heads * head_dim)
-        raise ConfigError(f"config key 'model.head_dim' times model.num_heads must be even for the toy network, "
-                          f"got {m.head_dim} * {m.num_heads}")
+        raise ConfigError(f"config key 'toy.head_dim' times toy.num_heads must be even for the toy network, "
+                          f"got {t.head_dim} * {t.num_heads}")
 
 
 # ---------------------------------------------------------------- dicts, files, presets

@@ -51,7 +51,7 @@ def load_generator(run: RunFolder, cfg, world, device):
     if ckpt is None:
         net, _ = pretrain_base(world, cfg, device=device)
         return net.eval(), "base network (the run has no stage checkpoint)"
-    net = build_network(world, cfg.model)
+    net = build_network(world, cfg.toy)
     net.load_state_dict(ckpt.modules["generator_ema"])
     return net.to(device).eval(), f"{ckpt.path.name}/generator_ema"
 

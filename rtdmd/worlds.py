@@ -97,7 +97,7 @@ class Toy(World):
     def networks(self, stage, stage1):
         weights = (self.base.state_dict(),) * 2 if stage == 1 else \
             (stage1.modules["generator_ema"], stage1.modules["fake_score"])
-        generator, fake = stage_networks(self.world, self.cfg.model, *weights, device=self.env.device)
+        generator, fake = stage_networks(self.world, self.cfg.toy, *weights, device=self.env.device)
         return generator, fake, ExactTeacher(self.world).to(self.env.device)
 
     def prompts(self, stage):

@@ -22,7 +22,7 @@ from rtdmd.rewards import build_rewards
 from rtdmd.stages import Stage1, Stage2, init_state
 from rtdmd.stages.common import log_record
 
-SMALL = ["model.num_layers=1", "model.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
+SMALL = ["toy.num_layers=1", "toy.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
          "stage1.batch_size=8", "stage1.fake_update_ratio=1", "stage1.steps=2", "stage2.group_size=4",
          "stage2.num_batches=2", "stage2.fake_batch_size=4", "rewards.binary.weight=0.5", "log.progress=false"]
 
@@ -34,7 +34,7 @@ def _stage1(cfg, env, device):
     base, _ = pretrain_base(world, cfg, device=device)
     if env.main:
         env.barrier()
-    state = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict(), device), cfg)
+    state = init_state(1, *stage_networks(world, cfg.toy, base.state_dict(), base.state_dict(), device), cfg)
     return world, env.wrap(state)
 
 
@@ -56,7 +56,7 @@ def stage2_advantages(cfg, env, device, out: Path) -> None:
     world, state1 = _stage1(cfg, env, device)
     state1.save(out / "s1", keep=1, env=env)
     c = ck.load_checkpoint(ck.latest_checkpoint(out / "s1", stage=1))
-    networks = stage_networks(world, cfg.model, c.modules["generator_ema"], c.modules["fake_score"], device)
+    networks = stage_networks(world, cfg.toy, c.modules["generator_ema"], c.modules["fake_score"], device)
     state = env.wrap(init_state(2, *networks, cfg))
     loop = Stage2(state, ExactTeacher(world), world.prompts(), build_rewards(cfg, world), cfg, env)
     data = loop.collect(0, [0, 1])

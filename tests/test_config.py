@@ -10,6 +10,7 @@ import yaml
 
 from rtdmd._io import stable_hash
 from rtdmd.config import (
+    MOVED,
     Config,
     ConfigError,
     RewardConfig,
@@ -50,7 +51,9 @@ def test_toy_preset_matches_defaults_and_writes_every_key():
     got, want = _leaves(config_to_dict(cfg)), _leaves(config_to_dict(Config()))
     assert {k for k in want if got[k] != want[k]} == tuned
     raw = yaml.safe_load((Path(__file__).parents[1] / "rtdmd" / "configs" / "toy.yaml").read_text())
-    assert set(_leaves(raw)) == set(_leaves(config_to_dict(Config())))
+    # every key the toy uses; the model section's other keys describe a real backbone
+    assert set(_leaves(raw)) == {k for k in _leaves(config_to_dict(Config())) if k == "model.kind" or
+                                 not k.startswith("model.")}
     assert cfg.toy.latent_shape == [4, 8, 8] and cfg.schedule.denoising_steps == [1000, 750, 500, 250]
     assert cfg.rewards["linear"].backprop and not cfg.rewards["binary"].backprop
     assert isinstance(cfg.toy.base_lr, float) and cfg.toy.base_lr == 1e-3
@@ -61,11 +64,11 @@ def test_round_trip_every_key(tmp_path):
     # change every leaf so a key that fails to round-trip cannot hide behind its default
     cfg = load_config(overrides=[
         "preset=mine", "seed=7", "device=cpu", "nonfinite=skip", "model.kind=sd3", "model.path=/m",
-        "model.num_layers=3", "model.num_heads=4", "model.head_dim=16", "model.prompt_tokens=2", "model.text_dim=8",
-        "model.pooled_dim=8",
+        "toy.num_layers=3", "toy.num_heads=4", "toy.head_dim=16", "toy.prompt_tokens=2", "toy.text_dim=8",
+        "toy.pooled_dim=8",
         "model.lora_rank=4", "model.lora_alpha=8", "model.generator_path=/g", "model.dtype=float32",
         "model.resolution=64", "model.attention=xformers", "model.max_sequence_length=7",
-        "model.teacher_guidance=4.5", "model.gradient_checkpointing=false", "data.train_prompts=/p.txt",
+        "stage2.ema_dtype=float32", "model.gradient_checkpointing=false", "data.train_prompts=/p.txt",
         "data.eval_prompts=/e.jsonl",
         "data.stage2_prompts=/s.jsonl", "rewards.linear.kind=clipscore", "rewards.linear.processor_path=/pp",
         "rewards.linear.tokenizer_path=/tp", "rewards.linear.clip_path=/cp", "rewards.binary.clip_path=/bc",
@@ -77,7 +80,7 @@ def test_round_trip_every_key(tmp_path):
         "stage2.sample_batch_size=3", "stage2.consistency=false", "stage2.eval_every=3", "eval.num_images=5",
         "log.tensorboard=true", "log.wandb=true", "toy.num_prompts=2", "toy.num_components=2",
         "toy.latent_shape=[2,4,6]", "toy.data_seed=1", "toy.min_weight=0.2", "toy.std_range=[0.1,0.2]",
-        "toy.teacher_guidance=2.5", "toy.n_eval=16", "toy.beta=0.5", "toy.beta_max=2", "toy.beta_step=0.25",
+        "ac_dmd.teacher_guidance=2.5", "toy.n_eval=16", "toy.beta=0.5", "toy.beta_max=2", "toy.beta_step=0.25",
         "toy.base_steps=3", "toy.base_batch_size=8", "toy.base_lr=1e-4", "toy.base_cfg_dropout=0",
         "toy.base_cache=false", "schedule.denoising_steps=[1000,500]", "schedule.shift=1.5", "schedule.eta=0",
         "rewards.linear.weight=0.5", "rewards.linear.path=/r", "rewards.linear.backprop=false",
@@ -85,9 +88,9 @@ def test_round_trip_every_key(tmp_path):
         "stage1.steps=1", "stage1.batch_size=3", "stage1.fake_update_ratio=2", "stage1.generator_lr=1e-3",
         "stage1.fake_lr=1e-3", "stage1.adam_betas=[0.8,0.9]", "stage1.adam_eps=1e-6", "stage1.weight_decay=0.1",
         "stage1.grad_clip=2", "stage1.ema_decay=0.5", "stage1.ema_dtype=float32", "stage1.random_stop=false",
-        "stage1.chain_dtype=float32", "stage1.renoise_offset=5", "stage1.renoise_min=30", "stage1.renoise_max=970",
-        "stage1.fake_weight_max=5", "stage1.consistency=false", "stage1.consistency_weight=0.1",
-        "stage1.consistency_epsilon=100", "stage1.rollout_checkpoint=false",
+        "stage1.chain_dtype=float32", "ac_dmd.renoise_offset=5", "ac_dmd.renoise_min=30", "ac_dmd.renoise_max=970",
+        "ac_dmd.fake_weight_max=5", "stage1.consistency=false", "ac_dmd.consistency_weight=0.1",
+        "ac_dmd.consistency_epsilon=100", "stage1.rollout_checkpoint=false",
         "stage1.rank_shared_timesteps=true", "stage1.checkpoint_every=7",
         "stage1.keep_checkpoints=3",
         "stage2.steps=2", "stage2.group_size=3", "stage2.prompts_per_epoch=2", "stage2.sampling_batches=2",
@@ -230,9 +233,27 @@ def test_real_presets_write_every_key_and_need_their_paths(preset, guidance, gen
     with pytest.raises(ConfigError, match="'model.path' must be set"):
         load_config(preset)
     cfg = load_config(preset, overrides=["model.path=/m", "data.train_prompts=/p.txt"])
-    assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.teacher_guidance) == (32, 64.0, guidance)
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.ac_dmd.teacher_guidance) == (32, 64.0, guidance)
     assert cfg.stage1.generator_lr == gen_lr and cfg.stage2.lr == 3e-6 and cfg.stage2.aux_weight == 0.001
     assert sorted(cfg.rewards) == ["clipscore", "hpsv2", "pickscore"]
     assert all(r.backprop and r.weight == 1.0 for r in cfg.rewards.values())
     with pytest.raises(ConfigError, match="model.lora_rank"):
         load_config(preset, overrides=["model.path=/m", "data.train_prompts=/p.txt", "model.lora_rank=0"])
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_keys_fail_naming_the_new_key(old, tmp_path):
+    """A key of the old schema, in --set or in a file, fails with one line naming where it lives now."""
+    message = f"config key '{old}' is now '{MOVED[old]}'"
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[f"{old}=1"])
+    assert str(e.value) == message
+    section, key = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({section: {key: 1}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file=path)
+    assert str(e.value) == message
+    new_section, new_key = MOVED[old].split(".")
+    assert getattr(getattr(Config(), new_section), new_key) is not None  # the new key exists
+

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
-TINY = ["model.num_layers=1", "model.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32", "toy.n_eval=64",
+TINY = ["toy.num_layers=1", "toy.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32", "toy.n_eval=64",
         "stage1.batch_size=8", "stage1.fake_update_ratio=2", "stage1.steps=4", "stage1.checkpoint_every=2",
         "stage2.steps=2", "stage2.group_size=4", "stage2.num_batches=2", "stage2.fake_batch_size=4",
         "stage2.checkpoint_every=1", "eval.batch_size=64", "log.progress=false"]

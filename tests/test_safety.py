@@ -251,7 +251,7 @@ def test_resume_applies_and_records_a_changed_learning_rate(stage1_run):
     assert {g["lr"] for g in groups} == {5e-3}
 
 
-@pytest.mark.parametrize("key", ["model.num_layers=3", "stage1.batch_size=16", "seed=3", "rewards.binary=null"])
+@pytest.mark.parametrize("key", ["toy.num_layers=3", "stage1.batch_size=16", "seed=3", "rewards.binary=null"])
 def test_resume_refuses_keys_that_cannot_change(stage1_run, capsys, key):
     before = (stage1_run / "config.yaml").read_text()
     assert train("--resume", str(stage1_run), "--set", key) == 2

@@ -18,7 +18,7 @@ from rtdmd.stages.common import chain_round, draw_subinterval, fake_score_object
 
 CPU = torch.device("cpu")
 ONE = DistEnv()  # one process on the CPU
-SMALL = ["model.num_layers=1", "model.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
+SMALL = ["toy.num_layers=1", "toy.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
          "stage1.batch_size=16", "stage1.fake_update_ratio=2"]
 
 
@@ -32,7 +32,7 @@ def make(overrides=(), tmp_cache=None):
     cfg = load_config("toy", overrides=[*SMALL, *overrides])
     world = build_world(cfg)
     base, _ = pretrain_base(world, cfg)
-    state = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict()), cfg)
+    state = init_state(1, *stage_networks(world, cfg.toy, base.state_dict(), base.state_dict()), cfg)
     return cfg, world, base, state, Stage1(state, ExactTeacher(world), world.prompts(), cfg, ONE)
 
 
@@ -78,7 +78,7 @@ def test_step_schedule_uses_the_ratio(cache):
 def test_subinterval_draws_follow_spec():
     """t_r is continuous on [1000 σ_s + 10, 1000) from the schedule's exact σ_s (0.9 -> 910, not the bf16 σ's 908),
     clamped to [20, 980]; σ' = max(t_r - δ, 0)/1000 with integer δ in 1..200."""
-    cfg = load_config("toy").stage1
+    cfg = load_config("toy").ac_dmd
     n = 4000
     for sigma_s in (0.0, 0.5, 0.9):
         s = draw_subinterval(0, "t", 0, range(n), sigma_s, (4, 8, 8), cfg)
@@ -98,7 +98,7 @@ def test_subinterval_draws_follow_spec():
 def test_rank_shared_timesteps_draw_by_local_position():
     """timestep_indices (stage1.rank_shared_timesteps) gives every rank the same t_r and δ, as the reference's
     broadcast from rank 0; the noises stay per global sample."""
-    cfg = load_config("toy").stage1
+    cfg = load_config("toy").ac_dmd
     rank0 = draw_subinterval(0, "t", 3, range(0, 4), 0.5, (4, 8, 8), cfg, timestep_indices=range(4))
     rank1 = draw_subinterval(0, "t", 3, range(4, 8), 0.5, (4, 8, 8), cfg, timestep_indices=range(4))
     own = draw_subinterval(0, "t", 3, range(4, 8), 0.5, (4, 8, 8), cfg)
@@ -126,13 +126,13 @@ def test_fake_score_loss_falls_on_a_fixed_generator(cache):
     """Fake updates alone, generator frozen: the fake's loss on a held-out batch of generator samples falls."""
     cfg, world, base, s, loop = make(["stage1.fake_lr=1e-3"])
     sigma_s = torch.full((16,), 0.0)
-    held_sub = draw_subinterval(99, "held", 0, range(16), 0.0, world.latent_shape, cfg.stage1)
+    held_sub = draw_subinterval(99, "held", 0, range(16), 0.0, world.latent_shape, cfg.ac_dmd)
     x_s = loop_sample(loop, 12345)
 
     def held_loss():
         with torch.no_grad():
-            return float(fake_score_objective(s.fake, x_s, sigma_s, loop.gen_cond, held_sub, cfg.stage1,
-                                              eta=0.9)[1]["fake_ac"])
+            return float(fake_score_objective(s.fake, x_s, sigma_s, loop.gen_cond, held_sub, cfg.ac_dmd,
+                                              consistency=True, eta=0.9)[1]["fake_ac"])
 
     before = held_loss()
     for step in range(100):
@@ -171,7 +171,7 @@ def test_short_run_moves_toward_the_teacher(cache):
     cfg = load_config("toy", overrides=["stage1.steps=600"])
     world = build_world(cfg)
     base, _ = pretrain_base(world, cfg)
-    state = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict()), cfg)
+    state = init_state(1, *stage_networks(world, cfg.toy, base.state_dict(), base.state_dict()), cfg)
     Stage1(state, ExactTeacher(world), world.prompts(), cfg, ONE).run()
     ev = ToyEvaluator(world, n_eval=1024, seed=0)
     base_row = ev.row(generate_samples(base, ev, cfg))

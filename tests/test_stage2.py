@@ -22,7 +22,7 @@ from rtdmd_kernels import reference
 
 CPU = torch.device("cpu")
 ONE = DistEnv()  # one process on the CPU
-SMALL = ["model.num_layers=1", "model.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
+SMALL = ["toy.num_layers=1", "toy.head_dim=16", "toy.base_steps=40", "toy.base_batch_size=32",
          "stage1.steps=4", "stage1.batch_size=8", "stage1.fake_update_ratio=2", "stage2.group_size=4",
          "stage2.num_batches=2", "stage2.fake_batch_size=8", "rewards.binary.weight=0.5"]
 
@@ -36,7 +36,7 @@ def _torch_backend(tmp_path, monkeypatch):
 
 def stage1_run(cfg, world, run_dir):
     base, _ = pretrain_base(world, cfg)
-    s1 = init_state(1, *stage_networks(world, cfg.model, base.state_dict(), base.state_dict()), cfg)
+    s1 = init_state(1, *stage_networks(world, cfg.toy, base.state_dict(), base.state_dict()), cfg)
     Stage1(s1, ExactTeacher(world), world.prompts(), cfg, ONE).run(run_dir=run_dir)
     return base, ck.latest_checkpoint(run_dir, stage=1)
 
@@ -53,7 +53,7 @@ def make(tmp_path, overrides=()):
 def stage2_networks(world, cfg, s1_path):
     """Stage 2 starts from stage 1's EMA generator and fake score."""
     c = ck.load_checkpoint(s1_path)
-    return stage_networks(world, cfg.model, c.modules["generator_ema"], c.modules["fake_score"])
+    return stage_networks(world, cfg.toy, c.modules["generator_ema"], c.modules["fake_score"])
 
 
 def test_k_repeat_sampler_draws_each_sampling_batch_afresh():

@@ -28,7 +28,7 @@ def test_exact_teacher_is_the_world_velocity(world):
 
 
 def test_network_shapes_dtypes_and_conditioning(world):
-    net = build_network(world, load_config("toy").model)
+    net = build_network(world, load_config("toy").toy)
     cond = net.encode(["toy prompt 0", ""])
     x = torch.randn(2, 4, 8, 8)
     v = net.velocity(x, torch.tensor([0.7, 0.7]), cond)

@@ -382,7 +382,7 @@ def _rank_alpha(model_cfg) -> tuple[int, float]:
 def teacher_view(core: DiffusionCore, cfg) -> DiffusionBackbone:
     """The base with every adapter off; a distilled-guidance model (FLUX.1-dev) gets the preset's teacher guidance
     as its input, where the others run CFG against ``""`` (:func:`rtdmd.stages.common.teacher_guidance`)."""
-    return core.view([], guidance=cfg.model.teacher_guidance if core.distilled_guidance else 1.0)
+    return core.view([], guidance=cfg.ac_dmd.teacher_guidance if core.distilled_guidance else 1.0)
 
 
 def stage1_models(core: DiffusionCore, cfg) -> tuple[DiffusionBackbone, DiffusionBackbone, DiffusionBackbone]:

@@ -104,21 +104,21 @@ def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return (onehot @ table.flatten(1)).view(idx.shape[0], *table.shape[1:])
 
 
-def build_network(world: ToyWorld, model_cfg) -> ToyNetwork:
+def build_network(world: ToyWorld, toy_cfg) -> ToyNetwork:
     """The toy network from the config's ``model`` section."""
-    return ToyNetwork(world, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
-                      head_dim=model_cfg.head_dim, prompt_tokens=model_cfg.prompt_tokens,
-                      text_dim=model_cfg.text_dim, pooled_dim=model_cfg.pooled_dim)
+    return ToyNetwork(world, num_layers=toy_cfg.num_layers, num_heads=toy_cfg.num_heads,
+                      head_dim=toy_cfg.head_dim, prompt_tokens=toy_cfg.prompt_tokens,
+                      text_dim=toy_cfg.text_dim, pooled_dim=toy_cfg.pooled_dim)
 
 
 # --------------------------------------------------------------------------------------------- pretraining
-def stage_networks(world: ToyWorld, model_cfg, generator_weights: dict, fake_weights: dict,
+def stage_networks(world: ToyWorld, toy_cfg, generator_weights: dict, fake_weights: dict,
                    device: torch.device | str = "cpu") -> tuple[ToyNetwork, ToyNetwork]:
     """A stage's trained generator and fake score, loaded: stage 1 starts both from the base network, stage 2 from
     stage 1's EMA generator and fake score."""
     nets = []
     for weights in (generator_weights, fake_weights):
-        net = build_network(world, model_cfg).to(device)
+        net = build_network(world, toy_cfg).to(device)
         net.load_state_dict(weights)
         nets.append(net)
     return nets[0], nets[1]
@@ -131,11 +131,11 @@ def cache_dir() -> Path:
 
 def base_recipe(cfg) -> dict:
     """Everything that determines the pretrained base (the cache key)."""
-    t, m = cfg.toy, cfg.model
+    t = cfg.toy
     return {
         "version": BASE_VERSION, "seed": cfg.seed,
         "world": [t.num_prompts, t.num_components, list(t.latent_shape), t.data_seed, t.min_weight, list(t.std_range)],
-        "network": [m.num_layers, m.num_heads, m.head_dim, m.prompt_tokens, m.text_dim, m.pooled_dim],
+        "network": [t.num_layers, t.num_heads, t.head_dim, t.prompt_tokens, t.text_dim, t.pooled_dim],
         "train": [t.base_steps, t.base_batch_size, t.base_lr, t.base_cfg_dropout],
     }
 
@@ -155,7 +155,7 @@ def pretrain_base(world: ToyWorld, cfg, *, device: torch.device | str = "cpu",
     path = cache_dir() / f"toy-base-{stable_hash(recipe)}.safetensors"
     with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's global RNG alone
         torch.manual_seed(rng.derive_seed(cfg.seed, "base/init"))
-        net = build_network(world, cfg.model)
+        net = build_network(world, cfg.toy)
     if t.base_cache and path.is_file():
         net.load_state_dict(load_safetensors(path))
         log.info("loaded the cached toy base network from %s", path)

@@ -152,9 +152,10 @@ class Stage1:
         cond, gen_cond = self._conds(step)
         x_s = sample(self.s.generator.velocity_fn(gen_cond), x_t, sigmas, eta=self.eta, noises=noises)
         sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", step, self.indices, self.sigmas[stop],
-                               self.s.generator.latent_shape, self.s1, device=self.device,
+                               self.s.generator.latent_shape, self.cfg.ac_dmd, device=self.device,
                                consistency=self.s1.consistency, timestep_indices=self.timestep_indices)
-        loss, stats = fake_score_objective(self.s.fake, x_s, sigma_s, gen_cond, sub, self.s1, eta=self.eta)
+        loss, stats = fake_score_objective(self.s.fake, x_s, sigma_s, gen_cond, sub, self.cfg.ac_dmd,
+                                           consistency=self.s1.consistency, eta=self.eta)
         loss.backward()
         stats["fake_grad_norm"] = self.guard.step(self.s.fake, self.s.fake_opt, self.s1.grad_clip, step, stats,
                                                   "fake_grad_norm")
@@ -167,7 +168,7 @@ class Stage1:
         x_s = rk.checkpointed_rollout(self.s.generator.velocity_fn(gen_cond), x_t, sigmas, eta=self.eta,
                                       noises=noises, grad_steps=1, checkpoint=self.s1.rollout_checkpoint)
         sub = draw_subinterval(self.cfg.seed, f"{STREAM}/gen", step, self.indices, self.sigmas[stop],
-                               self.s.generator.latent_shape, self.s1, device=self.device, consistency=False,
+                               self.s.generator.latent_shape, self.cfg.ac_dmd, device=self.device, consistency=False,
                                timestep_indices=self.timestep_indices)
         loss, stats = generator_ac_dmd_loss(x_s, sigma_s, cond, self.uncond, self.teacher, self.s.fake, sub,
                                             guidance=self.guidance, eta=self.eta)

@@ -69,11 +69,9 @@ def show_progress(progress: bool, env: DistEnv) -> bool | None:
 
 
 def teacher_guidance(cfg) -> float:
-    """The teacher's CFG scale against ``""``; 1 (no CFG pass) for FLUX.1, whose guidance is a transformer input
-    (:func:`rtdmd.models.diffusion.teacher_view`)."""
-    if cfg.model.kind == "toy":
-        return cfg.toy.teacher_guidance
-    return 1.0 if cfg.model.kind == "flux1" else cfg.model.teacher_guidance
+    """The teacher's CFG scale against ``""`` (``ac_dmd.teacher_guidance``); 1 (no CFG pass) for FLUX.1, whose
+    guidance is a transformer input (:func:`rtdmd.models.diffusion.teacher_view`)."""
+    return 1.0 if cfg.model.kind == "flux1" else cfg.ac_dmd.teacher_guidance
 
 
 def chain_round(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -102,10 +100,11 @@ class SubInterval:
 
 
 def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], sigma_s: float,
-                     latent_shape: Sequence[int], cfg, *, device: torch.device | str = "cpu",
+                     latent_shape: Sequence[int], ac, *, device: torch.device | str = "cpu",
                      consistency: bool = True, timestep_indices: Sequence[int] | None = None) -> SubInterval:
     """``t_r ~ U[1000σ_s + offset, max(1000, 1000σ_s + offset + 1))`` (continuous) clamped to ``[renoise_min,
-    renoise_max]``, ``δ ~ U{1..consistency_epsilon}``; noises from the per-sample RNG contract.
+    renoise_max]``, ``δ ~ U{1..consistency_epsilon}`` (the ``ac_dmd`` section ``ac``); noises from the per-sample
+    RNG contract.
 
     ``sigma_s`` is the schedule's exact level (a Python float: 0.9 gives the range from 910, as the reference;
     the chain's rounded σ_s is only for the renoise arithmetic). ``t_r`` and δ are drawn by
@@ -116,11 +115,11 @@ def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], 
     if not n:
         return SubInterval(*(empty,) * 7)
     at = indices if timestep_indices is None else timestep_indices
-    lo = float(sigma_s) * NUM_TRAIN_TIMESTEPS + cfg.renoise_offset
+    lo = float(sigma_s) * NUM_TRAIN_TIMESTEPS + ac.renoise_offset
     hi = max(float(NUM_TRAIN_TIMESTEPS), lo + 1.0)
     t_r = (lo + rng.uniform(seed, f"{stream}/t_r", step, at) * (hi - lo)).float()
-    t_r = t_r.clamp(float(cfg.renoise_min), float(cfg.renoise_max))
-    delta = 1 + torch.floor(rng.uniform(seed, f"{stream}/delta", step, at) * cfg.consistency_epsilon)
+    t_r = t_r.clamp(float(ac.renoise_min), float(ac.renoise_max))
+    delta = 1 + torch.floor(rng.uniform(seed, f"{stream}/delta", step, at) * ac.consistency_epsilon)
     t_p = torch.clamp(t_r - delta.float(), min=0.0)
 
     def noise(name):
@@ -134,7 +133,7 @@ def draw_subinterval(seed: int, stream: str, step: int, indices: Sequence[int], 
 
 
 def fake_score_objective(fake: Backbone, x_s: torch.Tensor, sigma_s: torch.Tensor, cond: Cond, sub: SubInterval,
-                         cfg, *, eta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         ac, *, consistency: bool, eta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_fake = L_ac + γ·L_cons`` (docs/method.md §4.2) for generator samples ``x_s`` at level ``sigma_s`` (detached).
 
     ``x_t' = renoise(x_s)`` at ``σ_t``; the fake score regresses the conditional velocity of the ambient
@@ -146,10 +145,10 @@ def fake_score_objective(fake: Backbone, x_s: torch.Tensor, sigma_s: torch.Tenso
     s_t = chain_round(sub.sigma_t, x_s.dtype)
     x_t = rk.renoise(x_s, sub.xi_r, sigma_s, s_t)
     v_hat = fake.velocity(x_t, sub.sigma_t, cond)
-    l_ac = rk.fake_score_loss(v_hat, x_s, sub.xi_r, sigma_s, s_t, weight_max=cfg.fake_weight_max)
+    l_ac = rk.fake_score_loss(v_hat, x_s, sub.xi_r, sigma_s, s_t, weight_max=ac.fake_weight_max)
     stats = {"fake_ac": l_ac.detach()}
     loss = l_ac
-    if cfg.consistency and cfg.consistency_weight > 0:
+    if consistency and ac.consistency_weight > 0:
         s_p = chain_round(sub.sigma_p, x_s.dtype)
         with torch.no_grad():
             x1, _ = rk.cps_step(x_t, v_hat.detach(), s_t, s_p, eta=eta, noise=sub.xi_1)
@@ -158,7 +157,7 @@ def fake_score_objective(fake: Backbone, x_s: torch.Tensor, sigma_s: torch.Tenso
         v2 = fake.velocity(x2, sub.sigma_p, cond)
         l_cons = rk.consistency_loss(x_t, v_hat, s_t, x1, v1, x2, v2, s_p)
         stats["fake_cons"] = l_cons.detach()
-        loss = loss + cfg.consistency_weight * l_cons
+        loss = loss + ac.consistency_weight * l_cons
     stats["fake_loss"] = loss.detach()
     return loss, stats
 

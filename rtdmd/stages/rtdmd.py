@@ -13,7 +13,6 @@ the stored latent with the stored noises through ``rk.checkpointed_rollout`` (do
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import random
@@ -86,7 +85,7 @@ class Stage2State(StageState):
 
     @classmethod
     def ema_config(cls, cfg) -> tuple[float, str]:
-        return cfg.stage2.ema_decay, cfg.stage1.ema_dtype
+        return cfg.stage2.ema_decay, cfg.stage2.ema_dtype
 
     @classmethod
     def optimizer_config(cls, cfg) -> dict[str, dict]:
@@ -205,16 +204,16 @@ class Stage2:
         x_s = data.next_latents[:, -1]
         n = x_s.shape[0]
         sigma_s = torch.zeros(n, device=self.device)
-        objective = dataclasses.replace(self.s1, consistency=self.s2.consistency)  # stage 1's terms, stage 2's switch
-        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, data.index, 0.0, self.shape, objective,
-                               device=self.device, consistency=objective.consistency)
+        ac, consistency = self.cfg.ac_dmd, self.s2.consistency
+        sub = draw_subinterval(self.cfg.seed, f"{STREAM}/fake", epoch, data.index, 0.0, self.shape, ac,
+                               device=self.device, consistency=consistency)
         total = {}
         for start in range(0, n, self.s2.fake_batch_size):
             sl = slice(start, start + self.s2.fake_batch_size)
             chunk = sub.select(sl)
             cond = self.s.fake.encode(data.prompts[sl])  # per chunk: a real text encoder never sees the epoch
-            loss, stats = fake_score_objective(self.s.fake, x_s[sl], sigma_s[sl], cond, chunk,
-                                               objective, eta=self.eta)
+            loss, stats = fake_score_objective(self.s.fake, x_s[sl], sigma_s[sl], cond, chunk, ac,
+                                               consistency=consistency, eta=self.eta)
             frac = x_s[sl].shape[0] / n
             (loss * frac).backward()
             for k, v in stats.items():
@@ -279,7 +278,7 @@ class Stage2:
             x_s, _ = rk.cps_step(x_j, v, s, sn, eta=self.eta, noise=data.noises[rows, j])
         if "aux" in terms:
             sub = draw_subinterval(self.cfg.seed, f"{STREAM}/aux", epoch, [data.index[i] for i in batch.row_list], sn,
-                                   self.shape, self.s1, device=self.device, consistency=False)
+                                   self.shape, self.cfg.ac_dmd, device=self.device, consistency=False)
             uncond = self.teacher.encode([""] * len(rows)) if self.guidance != 1.0 else None
             l_aux, _ = generator_ac_dmd_loss(x_s, torch.full((len(rows),), sn, device=self.device),
                                              encode_for(self.teacher, batch.prompts, batch.cond, like=gen), uncond,
