@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .models.diffusion import DEFAULT_TEXT_LENGTH, latent_shape, pack_2x2
+from .models.diffusion import DEFAULT_TEXT_LENGTH, DTYPES, latent_shape, pack_2x2
 from .run import RunFolder
 from .scheduler import CPSScheduler
 
@@ -69,8 +69,6 @@ def load(run_dir: str | Path, *, device: str | torch.device | None = None, dtype
     scheduler and the trainer's call arguments; weights in ``dtype`` (default: the run's ``model.dtype``) on
     ``device`` (default: CUDA when there is one). Nothing is downloaded."""
     import diffusers
-
-    from .models.diffusion import DTYPES
 
     run = RunFolder.open(run_dir, "run_dir")
     cfg = run.load_config()

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_write_text
-from .checkpoint import clean_temporaries
-from .config import Config, ConfigError, load_config, save_config
+from .checkpoint import clean_temporaries, latest_checkpoint
+from .config import Config, ConfigError, config_to_dict, load_config, save_config
 
 log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
@@ -137,9 +137,6 @@ class RunFolder:
     def record_changes(self, old: Config, new: Config, keys: list[str]) -> None:
         """Rewrite ``config.yaml`` with the keys a ``--resume --set`` changed, and append a comment line that
         says what changed and at which checkpoint; earlier such lines are kept."""
-        from .checkpoint import latest_checkpoint
-        from .config import config_to_dict
-
         def value(cfg: Config, key: str):
             node = config_to_dict(cfg)
             for part in key.split("."):
@@ -197,8 +194,6 @@ class RunFolder:
             self._sinks.append(to_tensorboard)
         if cfg.log.wandb:
             import wandb
-
-            from .config import config_to_dict
 
             wb = wandb.init(project="rtdmd", name=self.path.name, id=self.path.name, resume="allow",
                             dir=str(self.path), config=config_to_dict(cfg))

@@ -24,6 +24,10 @@ import numpy as np
 from .checkpoint import load_latest
 from .cli import ArgumentParser, resolve_device, run_cli, user_errors
 from .config import ConfigError
+from .data import load_prompts
+from .models.diffusion import load_core, stage1_models, stage2_models
+from .models.toy import build_network, build_world, pretrain_base
+from .plot import plot_toy_rows
 from .rollout import generate
 from .run import RunFolder
 from .sigmas import sd3_sigmas, uniform_denoising_steps
@@ -45,8 +49,6 @@ def parse_args(argv=None):
 
 def load_generator(run: RunFolder, cfg, world, device):
     """The EMA generator of the newest checkpoint, or the base network; returns ``(network, source)``."""
-    from .models.toy import build_network, pretrain_base
-
     ckpt = load_latest(run.path, modules=("generator_ema",))  # the newest that verifies; skipped ones are said
     if ckpt is None:
         net, _ = pretrain_base(world, cfg, device=device)
@@ -73,9 +75,6 @@ def main(argv=None) -> int:
     if cfg.model.kind != "toy":
         return sample_images(args, run, cfg, seed, device)
 
-    from .models.toy import build_world
-    from .plot import plot_toy_rows
-
     world = build_world(cfg)
     prompts = args.prompt or world.prompts()
     try:
@@ -100,8 +99,6 @@ def main(argv=None) -> int:
 
 def load_image_generator(run: RunFolder, cfg, device):
     """The run's EMA generator on its real backbone: stage 1's LoRA, under stage 2's when the run has one."""
-    from .models.diffusion import load_core, stage1_models, stage2_models
-
     s1 = load_latest(run.path, stage=1, modules=("generator_ema", "fake_score"))
     s2 = load_latest(run.path, stage=2, modules=("generator_ema",))
     if s1 is None:
@@ -118,8 +115,6 @@ def load_image_generator(run: RunFolder, cfg, device):
 
 
 def sample_images(args, run: RunFolder, cfg, seed: int, device) -> int:
-    from .data import load_prompts
-
     if args.prompt:
         prompts = list(args.prompt)
     elif cfg.data.eval_prompts:

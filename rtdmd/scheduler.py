@@ -46,6 +46,7 @@ from diffusers.utils import BaseOutput
 import rtdmd_kernels as rk
 
 from . import rng
+from .models.diffusion import pack_2x2
 from .sigmas import (
     NUM_TRAIN_TIMESTEPS,
     check_denoising_steps,
@@ -78,8 +79,6 @@ def _pack_like(noise: torch.Tensor, sample: torch.Tensor, name: str) -> torch.Te
         if sample.shape == (b, h * w, c):
             return noise.flatten(2).transpose(1, 2)
         if h % 2 == 0 and w % 2 == 0 and sample.shape == (b, (h // 2) * (w // 2), 4 * c):
-            from .models.diffusion import pack_2x2
-
             return pack_2x2(noise)
     raise ValueError(f"{name} has shape {tuple(noise.shape)}, which is neither the latents' shape "
                      f"{tuple(sample.shape)} nor their [B, C, H, W] layout before FLUX's token packing")

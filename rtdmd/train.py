@@ -23,6 +23,7 @@ from .cli import ArgumentParser, CLIExit, resolve_device, run_cli, user_errors
 from .config import Config, ConfigError, changed_keys, load_config, resumable
 from .data import load_prompts
 from .distributed import DistEnv
+from .models.diffusion import check_model_paths
 from .rewards import check_reward_specs
 from .run import RunFolder
 from .stages import Stage1, Stage2, init_state
@@ -145,8 +146,6 @@ def check_supported(cfg: Config, stage: str) -> None:
         with user_errors():
             check_reward_specs(cfg)
     if cfg.model.kind != "toy":
-        from .models.diffusion import check_model_paths  # diffusers: only for real models
-
         with user_errors():
             check_model_paths(cfg.model, device)
             load_prompts(cfg.data.train_prompts, key="data.train_prompts")

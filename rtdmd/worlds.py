@@ -23,7 +23,9 @@ from .data import load_prompts
 from .distributed import DistEnv
 from .dtensor import full_state
 from .evaluate import ToyEvaluator, format_table, generate_samples
+from .evaluate.images import evaluate_rows, image_grid
 from .models.base import Backbone
+from .models.diffusion import export_lora, load_core, stage1_models, stage2_models
 from .models.toy import ExactTeacher, build_world, pretrain_base, stage_networks
 from .plot import plot_toy_rows
 from .rewards import RewardMixture, build_rewards
@@ -131,8 +133,6 @@ class Diffusion(World):
         self.core, self.stage1, self.lines = None, None, []
 
     def networks(self, stage, stage1):
-        from .models.diffusion import load_core, stage1_models, stage2_models  # diffusers: only for real models
-
         if self.core is None or self.env.strategy == "fsdp":  # FSDP2 shards what exists: a fresh base per stage
             self.core = None
             with user_errors():
@@ -161,7 +161,6 @@ class Diffusion(World):
         cfg, run = self.cfg, self.run
         if stage != 2 or not cfg.stage2.eval_every or not cfg.data.eval_prompts:
             return None
-        from .evaluate.images import evaluate_rows, image_grid
 
         with user_errors():
             prompts = load_prompts(cfg.data.eval_prompts, key="data.eval_prompts")
@@ -179,8 +178,6 @@ class Diffusion(World):
         return evaluate
 
     def finish_stage(self, name, state):
-        from .models.diffusion import export_lora
-
         ema = full_state(state.ema.state_dict())  # a collective under fsdp
         loras = [ema] if state.STAGE == 1 else [self.stage1.modules["generator_ema"], ema]
         out = self.run.path / "lora" / f"stage{state.STAGE}"

@@ -110,3 +110,16 @@ def test_no_two_modules_differ_by_a_short_suffix():
              and b.rpartition(".")[2].startswith(a.rpartition(".")[2])
              and len(b.rpartition(".")[2]) - len(a.rpartition(".")[2]) <= 2]
     assert close == []
+
+
+def test_entry_points_import_no_heavy_dependency_until_needed():
+    """Top-level project imports are allowed everywhere, so the heavy libraries must load lazily: a config error
+    from ``python -m rtdmd.train`` answers in about a second, not after importing diffusers and transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rtdmd.train, rtdmd.sample, rtdmd.evaluate.__main__; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'transformers', 'peft', 'scipy', "
+            "'matplotlib', 'open_clip'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -20,6 +20,10 @@ from pathlib import Path
 from ..checkpoint import load_latest
 from ..cli import ArgumentParser, resolve_device, run_cli, user_errors
 from ..config import ConfigError
+from ..data import load_prompts
+from ..evaluate.toy import format_table
+from ..models.diffusion import load_core, stage1_models, stage2_models
+from ..rewards import build_rewards
 from ..run import RunFolder
 from .images import ROWS, evaluate_rows, format_reward_table, image_grid
 
@@ -41,8 +45,6 @@ def parse_args(argv=None):
 def models_of(run: RunFolder, cfg, device):
     """``{"base", "stage1", "stage2"}``: the generator's base with no adapter, then the run's EMA generators of the
     stages it has checkpoints of (each loaded from the newest checkpoint that verifies)."""
-    from ..models.diffusion import load_core, stage1_models, stage2_models
-
     with user_errors():
         core = load_core(cfg.model, device)
     models = {"base": core.view([], generator=True)}
@@ -61,10 +63,6 @@ def models_of(run: RunFolder, cfg, device):
 
 def main(argv=None) -> int:
     import json
-
-    from ..data import load_prompts
-    from ..evaluate.toy import format_table
-    from ..rewards import build_rewards
 
     args = parse_args(argv)
     run = RunFolder.open(args.run, "--run")

@@ -25,7 +25,7 @@ import rtdmd_kernels as rk
 
 from ..sigmas import dynamic_shift_sigmas, flux2_empirical_mu, sd3_sigmas
 from .base import Backbone, Cond
-from .lora import SD3_TARGETS, LoraView, SharedTransformer, flux2_targets
+from .lora import SD3_TARGETS, LoraView, SharedTransformer, combine_loras, flux2_targets, load_adapter_state
 
 log = logging.getLogger(__name__)
 
@@ -398,8 +398,6 @@ def stage1_models(core: DiffusionCore, cfg) -> tuple[DiffusionBackbone, Diffusio
 
 
 def _frozen_adapter(shared: SharedTransformer, name: str, rank: int, alpha: float, state) -> None:
-    from .lora import load_adapter_state
-
     if name not in shared.ranks:
         shared.add(name, rank, alpha, trainable=False)
     shared.trainable.discard(name)
@@ -430,8 +428,6 @@ def export_lora(core: DiffusionCore, loras: Sequence[dict[str, torch.Tensor]], m
     base (SD3.5: ``model.path``; FLUX.2: klein, ``model.generator_path``) reproduces our generator."""
     import os
     import shutil
-
-    from .lora import combine_loras
 
     rank, alpha = _rank_alpha(model_cfg)
     state, total_rank, total_alpha = combine_loras([(sd, alpha / rank) for sd in loras])

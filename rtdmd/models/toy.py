@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import SD3Transformer2DModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,6 +62,8 @@ class ToyNetwork(Backbone):
 
     def __init__(self, world: ToyWorld, *, num_layers: int = 2, num_heads: int = 2, head_dim: int = 32,
                  prompt_tokens: int = 4, text_dim: int = 64, pooled_dim: int = 32):
+        from diffusers import SD3Transformer2DModel  # seconds to import: only when a network is built
+
         super().__init__()
         c, h, w = world.latent_shape
         if h != w or h % 2:
