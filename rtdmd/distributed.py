@@ -180,7 +180,7 @@ def _rebuild(opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> torc
     import inspect
 
     if opt.state:
-        raise RuntimeError("cannot re-wrap an optimizer that has state: prepare() before training or loading")
+        raise RuntimeError("cannot re-wrap an optimizer that has state: wrap() before training or loading")
     accepted = inspect.signature(type(opt).__init__).parameters
     return type(opt)([p for p in params if p.requires_grad],
                      **{k: v for k, v in opt.defaults.items() if k in accepted})
