@@ -42,7 +42,11 @@ def test_bad_files_name_the_key_and_line(tmp_path, name, text, needle):
 def test_stage2_trains_on_its_own_prompts_when_given(tmp_path):
     """The reference's stage 1 trains on PickScore prompts and stage 2 on GenEval's metadata prompts."""
     from rtdmd.config import load_config
-    from rtdmd.train import stage_prompts
+    from rtdmd.distributed import DistEnv
+    from rtdmd.worlds import Diffusion
+
+    def stage_prompts(cfg, stage):
+        return Diffusion(cfg, DistEnv(), run=None).prompts(stage)
 
     (tmp_path / "s1.txt").write_text("a cat\na dog\n")
     (tmp_path / "s2.jsonl").write_text('{"prompt": "two cats", "tag": "counting"}\n')
