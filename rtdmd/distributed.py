@@ -209,10 +209,11 @@ def init(strategy: str, device: torch.device) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    # torch._dynamo (which diffusers imports when the first network is built) imported after the process group
-    # started made about one 2-process gloo run in eight abort at exit ("terminate called without an active
-    # exception"); imported before, none in 40. It is needed anyway, so import it first.
+    # The diffusers model stack (torch._dynamo among it), imported lazily when the first network is built, made
+    # about one 2-process gloo run in ten abort at exit ("terminate called without an active exception") when
+    # that first import came after the process group had started. Every run needs it: import it first.
     importlib.import_module("torch._dynamo")  # not `import torch._dynamo`: that would make `torch` a local name here
+    from diffusers import SD3Transformer2DModel  # noqa: F401
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
