@@ -204,9 +204,11 @@ def _torch_tail(abs_sum, diff, normalize, eps, store_grad, out_dtype):
     g_flat = g.view(-1)
     total = torch.dot(g_flat, g_flat)
     gmax = torch.finfo(out_dtype).max
-    # On CPU, reading the total back costs nothing (no device to wait for): when sum(g^2) <= gmax^2,
-    # every g is finite and within x.dtype's range, so the nan_to_num/clamp pass is a no-op.
-    if g.device.type != "cpu" or not float(total) <= gmax * gmax:
+    # On CPU, reading the total back costs nothing (no device to wait for): when sum(g^2) is finite and at most
+    # gmax^2, every g is finite and within x.dtype's range, so the nan_to_num/clamp pass is a no-op. (For float64
+    # gmax^2 overflows to inf, so finiteness must be asked for on its own: inf <= inf.)
+    t = float(total)
+    if g.device.type != "cpu" or not (math.isfinite(t) and t <= gmax * gmax):
         torch.nan_to_num_(g, nan=0.0, posinf=gmax, neginf=-gmax)
         if out_dtype != cd:
             g.clamp_(-gmax, gmax)  # values beyond x's dtype saturate, as the reference's nan_to_num in x.dtype

@@ -731,3 +731,37 @@ def test_backends_agree_fp32(normalize):
         assert _err(ga, gb) <= GRAD_ATOL[torch.float32] * _amax(ga)
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=FP32_RTOL, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize(("op", "kind"), [("dmd_loss", "inf"), ("dmd_loss", "zero_normalizer"), ("ac_dmd_loss", "inf")])
+def test_float64_saturates_like_every_dtype(device_backend, op, kind):
+    """float64 follows the same rule as the low dtypes: a g past float64's range (an inf input, or a zero
+    normalizer with eps=0) saturates at ±finfo(float64).max, so the gradient is ±max·grad_out/N, finite; the
+    loss and grad_norm, sums of squares of that, are +inf. (The CPU shortcut once compared sum(g²) with max²,
+    which overflows to inf in float64, and let ±inf through.)"""
+    device, _ = device_backend
+    dt, big = torch.float64, torch.finfo(torch.float64).max
+    shape = (3, 4, 5)
+    x = torch.randn(shape, dtype=dt, device=device)
+    other = torch.randn(shape, dtype=dt, device=device)
+    if op == "dmd_loss":
+        f, r = other.clone(), torch.randn(shape, dtype=dt, device=device)
+        if kind == "inf":
+            f[0, 1, 2] = math.inf
+        else:
+            r[1] = x[1]
+        args, kwargs = (f, r), {}
+    else:
+        x_t, v_real, noise = (torch.randn(shape, dtype=dt, device=device) for _ in range(3))
+        v_fake = v_real + 0.1 * other
+        v_fake[0, 1, 2] = math.inf
+        sig_s, sig_t = (torch.full((3,), s, dtype=dt, device=device) for s in (0.5, 0.8))
+        args, kwargs = (x_t, v_real, v_fake, noise, sig_s, sig_t), {"eps": 0.0}
+    x.requires_grad_(True)
+    loss, stats = getattr(rk, op)(x, *args, return_stats=True, **kwargs)
+    (0.5 * loss).backward()
+    n = x.numel()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad.abs().max().item() == pytest.approx(big * 0.5 / n, rel=1e-12)
+    assert loss.item() == math.inf and stats["grad_norm"].item() == math.inf
