@@ -48,8 +48,10 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def schedule_value(name: str, value: Scalar, batch: int, device: torch.device) -> Scalar:
-    """A schedule scalar as a Python float, or as a float32 ``[B]`` tensor on ``device``.
+def schedule_value(name: str, value: Scalar, batch: int, device: torch.device, exact: bool = False) -> Scalar:
+    """A schedule scalar as a Python float, or as a ``[B]`` tensor on ``device``: float32, or float64 when the
+    tensor is float64 or ``exact`` (float64 data: every coefficient made from it stays float64, whatever dtype
+    the schedule tensor came in).
 
     Accepted: a Python number, or a tensor of shape ``[]``, ``[B]`` or ``[B, 1, ..., 1]``. A 0-d tensor is
     expanded on the device (never read back to the host: that would sync).
@@ -59,7 +61,7 @@ def schedule_value(name: str, value: Scalar, batch: int, device: torch.device) -
             raise TypeError(f"{name} must be a float or a floating tensor, got dtype {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
-        dtype = torch.float64 if value.dtype == torch.float64 else torch.float32  # float64 stays exact
+        dtype = torch.float64 if exact or value.dtype == torch.float64 else torch.float32  # float64 stays exact
         if value.dim() == 0:
             return value.to(dtype).expand(batch).contiguous()
         if value.shape[0] != batch or value.numel() != batch:
@@ -69,7 +71,7 @@ def schedule_value(name: str, value: Scalar, batch: int, device: torch.device) -
         # Traced: a float argument of the compiled function turns symbolic once its value changes; host
         # checks on it (isinstance, isfinite) would break the graph or specialize it (a recompile per
         # value). As a [B] tensor it follows the tensor path and stays one graph.
-        return torch.ones(batch, dtype=torch.float32, device=device) * value
+        return torch.ones(batch, dtype=torch.float64 if exact else torch.float32, device=device) * value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
     value = float(value)

@@ -466,10 +466,11 @@ def ac_dmd_loss(
     C.check_choice("normalize", normalize, NORMALIZE_MODES)
     eps = C.check_eps(eps)
     B, dev = x_s.shape[0], x_s.device
-    s_s = C.schedule_value("sigma_s", sigma_s, B, dev)
-    s_t = C.schedule_value("sigma_t", sigma_t, B, dev)
-    gs = C.schedule_value("guidance_scale", guidance_scale, B, dev)
-    et = C.schedule_value("eta", eta, B, dev)
+    exact = C.compute_dtype(x_s, x_t, v_real, v_fake, noise, v_real_uncond) == torch.float64
+    s_s = C.schedule_value("sigma_s", sigma_s, B, dev, exact)
+    s_t = C.schedule_value("sigma_t", sigma_t, B, dev, exact)
+    gs = C.schedule_value("guidance_scale", guidance_scale, B, dev, exact)
+    et = C.schedule_value("eta", eta, B, dev, exact)
     c_eta, s_eta = C.eta_cos_sin(et)
     sched, vals = C.pack_schedule((s_s, s_t, gs, c_eta, s_eta), B, dev)
     store = torch.is_grad_enabled() and x_s.requires_grad

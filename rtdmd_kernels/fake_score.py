@@ -486,9 +486,10 @@ def _weight(scale, weight_max: float):
     return 0.0 if math.isnan(w) else w
 
 
-def _schedules(x, sigma_s, sigma_t):
+def _schedules(x, sigma_s, sigma_t, exact: bool):
     B, dev = x.shape[0], x.device
-    return C.schedule_value("sigma_s", sigma_s, B, dev), C.schedule_value("sigma_t", sigma_t, B, dev)
+    return (C.schedule_value("sigma_s", sigma_s, B, dev, exact),
+            C.schedule_value("sigma_t", sigma_t, B, dev, exact))
 
 
 def _check_weight_max(weight_max: float) -> float:
@@ -510,8 +511,9 @@ def renoise(x_s: torch.Tensor, noise: torch.Tensor, sigma_s: C.Scalar, sigma_t: 
     """
     C.check_tensor("x_s", x_s)
     C.check_like("x_s", x_s, "noise", noise)
-    s_s, s_t = _schedules(x_s, sigma_s, sigma_t)
-    a, sts, _, _ = _sub_interval(s_s, s_t, C.compute_dtype(x_s, noise) == torch.float64)
+    exact = C.compute_dtype(x_s, noise) == torch.float64
+    s_s, s_t = _schedules(x_s, sigma_s, sigma_t, exact)
+    a, sts, _, _ = _sub_interval(s_s, s_t, exact)
     sched, vals = C.pack_schedule((a, sts, 0.0, 0.0), x_s.shape[0], x_s.device)
     if torch.compiler.is_compiling():
         return _renoise_op(x_s, noise, sched, vals)
@@ -540,8 +542,9 @@ def fake_score_loss(
     C.check_like("v_hat", v_hat, "x_s", x_s)
     C.check_like("v_hat", v_hat, "noise", noise)
     weight_max = _check_weight_max(weight_max)
-    s_s, s_t = _schedules(v_hat, sigma_s, sigma_t)
-    _a, sts, cx, beta = _sub_interval(s_s, s_t, C.compute_dtype(v_hat, x_s, noise) == torch.float64)
+    exact = C.compute_dtype(v_hat, x_s, noise) == torch.float64
+    s_s, s_t = _schedules(v_hat, sigma_s, sigma_t, exact)
+    _a, sts, cx, beta = _sub_interval(s_s, s_t, exact)
     sched, vals = C.pack_schedule((sts, cx, beta, _weight(sts, weight_max)), v_hat.shape[0], v_hat.device)
     store = torch.is_grad_enabled() and v_hat.requires_grad
     x_s, noise = x_s.detach(), noise.detach()
@@ -572,8 +575,9 @@ def consistency_loss(
     for name, t in (("v_hat", v_hat), ("x1", x1), ("v1", v1), ("x2", x2), ("v2", v2)):
         C.check_like("x_t", x_t, name, t)
     B, dev = x_t.shape[0], x_t.device
-    s_t = C.schedule_value("sigma_t", sigma_t, B, dev)
-    s_p = C.schedule_value("sigma_p", sigma_p, B, dev)
+    exact = C.compute_dtype(x_t, v_hat, x1, v1, x2, v2) == torch.float64
+    s_t = C.schedule_value("sigma_t", sigma_t, B, dev, exact)
+    s_p = C.schedule_value("sigma_p", sigma_p, B, dev, exact)
     sched, vals = C.pack_schedule((s_t, s_p), B, dev)
     store = torch.is_grad_enabled() and any(t.requires_grad for t in (v_hat, v1, v2))
     x_t, x1, x2 = x_t.detach(), x1.detach(), x2.detach()

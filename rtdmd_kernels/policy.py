@@ -641,16 +641,19 @@ def _coefficients(kind, sigma, sigma_next, eta, sigma_max):
     return float(a), float(k), float(c), float(kl_std)
 
 
-def _schedule(kind, x, sigma, sigma_next, eta, sigma_max):
-    B, dev = x.shape[0], x.device
-    s = C.schedule_value("sigma", sigma, B, dev)
-    sn = C.schedule_value("sigma_next", sigma_next, B, dev)
-    et = C.schedule_value("eta", eta, B, dev)
+def _schedule(kind, tensors, sigma, sigma_next, eta, sigma_max):
+    """Packed per-sample coefficients for the data ``tensors`` (the first sets batch and device; float64 data
+    keep float64 coefficients)."""
+    x = tensors[0]
+    B, dev, exact = x.shape[0], x.device, C.compute_dtype(*tensors) == torch.float64
+    s = C.schedule_value("sigma", sigma, B, dev, exact)
+    sn = C.schedule_value("sigma_next", sigma_next, B, dev, exact)
+    et = C.schedule_value("eta", eta, B, dev, exact)
     sm = None
     if kind == "sde":
         if sigma_max is None:
             raise ValueError("sigma_max is required for kind='sde' (Flow-GRPO passes the schedule's second sigma)")
-        sm = C.schedule_value("sigma_max", sigma_max, B, dev)
+        sm = C.schedule_value("sigma_max", sigma_max, B, dev, exact)
     return C.pack_schedule(_coefficients(kind, s, sn, et, sm), B, dev)
 
 
@@ -706,7 +709,7 @@ def cps_step(
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
     else:
         C.check_like("x", x, "noise", noise)
-    sched, vals = _schedule("cps", x, sigma, sigma_next, eta, None)
+    sched, vals = _schedule("cps", (x, v, noise), sigma, sigma_next, eta, None)
     noise = noise.detach()
     if torch.compiler.is_compiling():
         return _cps_step_op(x, v, noise, sched, vals)
@@ -732,7 +735,7 @@ def cps_logprob(
     (float64 for float64 inputs), differentiable in ``v`` only (backward recomputes the mean).
     """
     _check_policy_inputs(x, v, x_next, kind)
-    sched, vals = _schedule(kind, x, sigma, sigma_next, eta, sigma_max)
+    sched, vals = _schedule(kind, (x, v, x_next), sigma, sigma_next, eta, sigma_max)
     args = (x.detach(), x_next.detach(), None, None, None, sched, vals, kind, False, False, 0.0, 1.0, 0.0)
     return _policy_run(v, args)[1]
 
@@ -773,7 +776,7 @@ def ppo_clip_loss(
     if v_ref is not None:
         C.check_like("v", v, "v_ref", v_ref)
         v_ref = v_ref.detach() if kl_coef > 0 else None
-    sched, vals = _schedule(kind, x, sigma, sigma_next, eta, sigma_max)
+    sched, vals = _schedule(kind, (x, v, x_next), sigma, sigma_next, eta, sigma_max)
     store = torch.is_grad_enabled() and v.requires_grad
     args = (x.detach(), x_next.detach(), v_ref, old_logp, advantages, sched, vals, kind, True, store,
             clip_range, adv_clip, kl_coef)
