@@ -62,6 +62,11 @@ if triton_available():
         return _load_rows(r_ptr, rows, m, cols, cmask, stride_n, stride_r)
 
     @triton.jit
+    def _clip(a, clip):
+        # clamp to ±clip keeping NaN NaN, as torch.clamp does (tl.minimum/maximum would return the bound)
+        return tl.where(a != a, a, tl.minimum(tl.maximum(a, -clip), clip))
+
+    @triton.jit
     def _std(m2, cnt, ddof):
         # sqrt(m2 / (cnt - ddof)); 0 where fewer than ddof + 1 valid values.
         return tl.where(cnt > ddof, tl.sqrt(m2 / tl.maximum(cnt - ddof, 1.0)), 0.0)
@@ -87,12 +92,19 @@ if triton_available():
         cmask = cols < R
         acc_s = tl.zeros([BLOCK, RB], dtype=tl.float64)
         acc_c = tl.zeros([BLOCK, RB], dtype=tl.int32)
+        acc_lo = tl.full([BLOCK, RB], float("inf"), dtype=tl.float64)
+        acc_hi = tl.full([BLOCK, RB], float("-inf"), dtype=tl.float64)
         for i in range(start, end, BLOCK):
             x, v = _segment_rows(r_ptr, perm_ptr, i, end, cols, cmask, stride_n, stride_r, BLOCK)
             acc_s += tl.where(v, x, 0.0)
             acc_c += v.to(tl.int32)
+            acc_lo = tl.minimum(acc_lo, tl.where(v, x, float("inf")))
+            acc_hi = tl.maximum(acc_hi, tl.where(v, x, float("-inf")))
         cnt = tl.sum(acc_c, axis=0).to(tl.float64)
-        mean = tl.sum(acc_s, axis=0) / tl.maximum(cnt, 1.0)
+        hi = tl.max(acc_hi, axis=0)
+        # equal values: their mean is that value exactly (a rounded sum / n may miss it by an ulp), so every
+        # residual of an all-equal group is exactly 0 and so is its advantage
+        mean = tl.where(tl.min(acc_lo, axis=0) == hi, hi, tl.sum(acc_s, axis=0) / tl.maximum(cnt, 1.0))
         out = g.to(tl.int64) * R + cols
         tl.store(mean_ptr + out, mean, mask=cmask)
         if WITH_STD:
@@ -136,39 +148,33 @@ if triton_available():
             tl.store(state_ptr + rows, state.to(tl.int8), mask=rmask)
         else:
             if CLIP:
-                adv = tl.minimum(tl.maximum(adv, -clip), clip)
+                adv = _clip(adv, clip)
             tl.store(out_ptr + rows, tl.where(gok, adv, float("nan")).to(tl.float32), mask=rmask)
 
     @triton.jit
     def _restandardize_kernel(a_ptr, state_ptr, out_ptr, N, ddof, eps, clip, CLIP: tl.constexpr,
                               BLOCK: tl.constexpr):
-        # out <- (A - mean A) / (std A + eps) over the rows in state 1 (float64, three fixed-order passes);
-        # rows in state 0 (no finite reward) get 0, rows in state 2 (id out of range) NaN.
-        acc_s = tl.zeros([BLOCK], dtype=tl.float64)
+        # out <- A / (std A + eps) over the rows in state 1 (float64, two fixed-order passes); rows in state 0 (no
+        # finite reward) get 0, rows in state 2 (id out of range) NaN. mean A is 0 by construction (each group's
+        # residuals sum to 0), so it is not subtracted: rounding cannot move a 0 advantage off 0.
+        acc_q = tl.zeros([BLOCK], dtype=tl.float64)
         acc_c = tl.zeros([BLOCK], dtype=tl.int32)
         for i in range(0, N, BLOCK):
             rows = i + tl.arange(0, BLOCK).to(tl.int64)
             m = rows < N
             ok = tl.load(state_ptr + rows, mask=m, other=0) == 1
-            acc_s += tl.where(ok, tl.load(a_ptr + rows, mask=m, other=0.0), 0.0)
+            d = tl.where(ok, tl.load(a_ptr + rows, mask=m, other=0.0), 0.0)
+            acc_q += d * d
             acc_c += ok.to(tl.int32)
         cnt = tl.sum(acc_c, axis=0).to(tl.float64)
-        mean = tl.sum(acc_s, axis=0) / tl.maximum(cnt, 1.0)
-        acc_q = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in range(0, N, BLOCK):
-            rows = i + tl.arange(0, BLOCK).to(tl.int64)
-            m = rows < N
-            ok = tl.load(state_ptr + rows, mask=m, other=0) == 1
-            d = tl.where(ok, tl.load(a_ptr + rows, mask=m, other=0.0) - mean, 0.0)
-            acc_q += d * d
         den = _std(tl.sum(acc_q, axis=0), cnt, ddof) + eps
         for i in range(0, N, BLOCK):
             rows = i + tl.arange(0, BLOCK).to(tl.int64)
             m = rows < N
             s = tl.load(state_ptr + rows, mask=m, other=0)
-            adv = tl.where(s == 1, (tl.load(a_ptr + rows, mask=m, other=0.0) - mean) / den, 0.0)
+            adv = tl.where(s == 1, tl.load(a_ptr + rows, mask=m, other=0.0) / den, 0.0)
             if CLIP:
-                adv = tl.minimum(tl.maximum(adv, -clip), clip)
+                adv = _clip(adv, clip)
             tl.store(out_ptr + rows, tl.where(s == 2, float("nan"), adv).to(tl.float32), mask=m)
 
 
@@ -264,18 +270,29 @@ def _torch_impl(x, ids, weights, G, scale, ddof, eps, restandardize, clip, use_i
     N, R = x.shape
     seg = _Segments(ids, G, use_index_add)
     cnt = torch.bincount(ids, minlength=G).to(x.dtype).unsqueeze(1)
-    d = x - (seg.sum(x) / cnt.clamp_min(1)).index_select(0, ids)
+    d = x - _exact_mean(seg.sum(x) / cnt.clamp_min(1), x, ids, G).index_select(0, ids)
     if scale == "group":
         d = d / _std_from(seg.sum(d * d), cnt, ddof).add_(eps).index_select(0, ids)
     elif scale == "global":
         d = d / _norm_std(x - x.mean(0), N, ddof, dim=0).add_(eps)
     adv = _combine(d, weights)
-    if restandardize:
-        adv = adv - adv.mean()
+    if restandardize:  # mean A is 0 by construction (each group's residuals sum to 0): not subtracted
         adv = adv / _norm_std(adv, N, ddof, dim=0).add_(eps)
     if clip is not None:
         adv = adv.clamp_(-clip, clip)
     return adv.to(out_dtype)
+
+
+def _exact_mean(mean: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, G: int,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The group means ``[G, R]`` with each all-equal group's replaced by that value exactly (a rounded
+    sum / n can miss it by an ulp): every residual of such a group is then exactly 0, and so is its advantage."""
+    idx = ids.unsqueeze(1).expand_as(x)
+    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    lo_in, hi_in = (x, x) if valid is None else (torch.where(valid, x, inf), torch.where(valid, x, -inf))
+    lo = torch.full_like(mean, math.inf).scatter_reduce_(0, idx, lo_in, "amin")
+    hi = torch.full_like(mean, -math.inf).scatter_reduce_(0, idx, hi_in, "amax")
+    return torch.where(lo == hi, hi, mean)
 
 
 def _norm_std(d: torch.Tensor, n: int, ddof: int, dim: int) -> torch.Tensor:
@@ -303,7 +320,7 @@ def _torch_masked(x, ids, G, use_index_add, weights, scale, ddof, eps, restandar
     xz = torch.where(valid, x, 0.0)
     sums = seg.sum(torch.cat([xz, vf], dim=1))  # [G, 2R]: sums, counts
     cnt = sums[:, R:]
-    mean = sums[:, :R] / cnt.clamp_min(1)
+    mean = _exact_mean(sums[:, :R] / cnt.clamp_min(1), x, ids, G, valid)
     d = torch.where(valid, x - mean.index_select(0, ids), 0.0)  # centred; left-out rewards -> 0
     if scale == "group":
         d = torch.where(valid, d / _std_from(seg.sum(d * d), cnt, ddof).add_(eps).index_select(0, ids), 0.0)
@@ -315,7 +332,7 @@ def _torch_masked(x, ids, G, use_index_add, weights, scale, ddof, eps, restandar
     if restandardize:
         rv = valid.any(1) if R > 1 else valid.reshape(N)
         n = rv.sum().to(cd)
-        da = torch.where(rv, adv - torch.where(rv, adv, 0.0).sum() / n.clamp_min(1), 0.0)
+        da = torch.where(rv, adv, 0.0)  # mean A is 0 by construction: not subtracted
         adv = torch.where(rv, da / (_std_from((da * da).sum(), n, ddof) + eps), 0.0)
     if clip is not None:
         adv = adv.clamp_(-clip, clip)

@@ -57,3 +57,51 @@ def test_float64_data_keep_float64_coefficients(device_backend, op):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g, w, rtol=1e-14, atol=1e-14)
+
+
+ADVANTAGE_PRESETS = {
+    "rtdmd": dict(scale="global", ddof=0, eps=1e-4, weights=[1.0, 0.5, 2.0], restandardize=True),
+    "group_restandardize": dict(scale="group", ddof=0, eps=1e-4, restandardize=True),
+    "trl": dict(scale="group", ddof=1, eps=1e-4),
+    "dancegrpo": dict(scale="group", ddof=1, eps=1e-8),
+    "none": dict(scale="none"),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["finite", "with_nan"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("preset", sorted(ADVANTAGE_PRESETS))
+def test_a_group_of_equal_rewards_gets_exactly_zero(device_backend, preset, dtype, masked):
+    """Equal rewards have no advantage: exactly 0 in every preset, dtype and backend, also next to large
+    rewards (an ulp of a rounded mean, divided by a tiny std, once gave up to 0.8) and under restandardize
+    (whose mean of A is 0 by construction, so it is not subtracted). The other groups stay the float64 answer."""
+    device, _ = device_backend
+    n, groups = 96, 4
+    ids = torch.arange(n, device=device) % groups
+    rewards = (torch.rand(n, 3, device=device, dtype=torch.float64) * 3e5).to(dtype)
+    rewards[ids == 1] = torch.tensor([0.3e5, 0.71e5, 0.123e5], dtype=torch.float64, device=device).to(dtype)
+    if masked:
+        rewards[2, 1] = float("nan")  # group 2: one missing reward; the masked path runs
+    kw = ADVANTAGE_PRESETS[preset]
+    a = rk.group_advantages(rewards, ids, num_groups=groups, **kw)
+    assert torch.equal(a[ids == 1], torch.zeros_like(a[ids == 1]))
+    with rk.use_backend("torch"):
+        a64 = rk.group_advantages(rewards.double(), ids, num_groups=groups, **kw)
+    torch.testing.assert_close(a.double(), a64, rtol=2e-6, atol=2e-6 * float(a64.abs().max()))
+
+
+@pytest.mark.parametrize("restandardize", [False, True])
+def test_nan_advantages_stay_nan_on_every_backend(device_backend, restandardize):
+    """eps=0 and a group of zero spread: 0/0, NaN, on every backend, and ``clip`` keeps it NaN (the Triton
+    path once clamped NaN to -clip)."""
+    device, _ = device_backend
+    rewards = torch.tensor([1.0, 1.0, 2.0, 3.0], device=device)
+    ids = torch.tensor([0, 0, 1, 1], device=device)
+    a = rk.group_advantages(rewards, ids, num_groups=2, scale="group", eps=0.0, restandardize=restandardize,
+                            clip=5.0)
+    with rk.use_backend("torch"):
+        want = rk.group_advantages(rewards, ids, num_groups=2, scale="group", eps=0.0,
+                                   restandardize=restandardize, clip=5.0)
+    assert torch.isnan(a[:2]).all()
+    assert torch.equal(torch.isnan(a), torch.isnan(want))
+    torch.testing.assert_close(a, want, equal_nan=True)
