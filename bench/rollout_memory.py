@@ -80,7 +80,7 @@ MODELS: dict[str, dict] = {
                             pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16),
              "latent": 16, "batch": 1, "text_tokens": 4},
 }
-SD35M_CONFIG = BENCH_DIR / "configs" / "sd35_medium_transformer.json"  # copy of ../shared/configs/
+SD35M_CONFIG = BENCH_DIR / "configs" / "sd35_medium_transformer.json"  # SD3.5-Medium's published transformer config
 SD35M_LATENT, SD35M_BATCH, SD35M_TEXT_TOKENS = 64, 2, 77  # 512 px -> 64x64 latent; CLIP-length prompt
 
 

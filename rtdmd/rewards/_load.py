@@ -7,7 +7,7 @@ at top level without an import cycle. Nothing is downloaded (``local_files_only=
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +83,41 @@ def _pil_processor_class() -> type:
     return cls
 
 
-def load_image_processor(folder: Path, key: str) -> Any:
-    """The folder's CLIP image processor (PIL backend, as the reference ran it); CLIP's defaults if it has none."""
-    cls = _pil_processor_class()
+def load_processor(cls: type, folder: Path, key: str, what: str) -> Any:
+    """The folder's image processor of class ``cls`` (``what`` names it in errors); ``cls``'s defaults if the
+    folder has no preprocessor_config.json."""
     if not (folder / "preprocessor_config.json").is_file():
         return cls()
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{key}: cannot load an image processor from {folder}: {one_line(e)}") from e
+        raise ValueError(f"{key}: cannot load {what} from {folder}: {one_line(e)}") from e
+
+
+def load_image_processor(folder: Path, key: str) -> Any:
+    """The folder's CLIP image processor (PIL backend, as the reference ran it); CLIP's defaults if it has none."""
+    return load_processor(_pil_processor_class(), folder, key, "an image processor")
+
+
+#: a reward entry's keys that belong to the mixture: every builder accepts and ignores them
+MIXTURE_KEYS = frozenset({"kind", "weight", "backprop"})
+#: keys only plug-in rewards take
+PLUGIN_KEYS = frozenset({"function", "differentiable"})
+
+
+def check_spec_keys(name: str, kind: str, spec: Mapping[str, Any], required: Iterable[str],
+                    optional: Iterable[str] = ()) -> None:
+    """Every key of ``spec`` is known for ``kind`` (or the mixture's) and every required one is there; else a
+    one-line ``ValueError`` naming ``rewards.<name>.<key>``."""
+    required, known = set(required), set(required) | set(optional)
+    for k in spec:
+        if k not in known | MIXTURE_KEYS:
+            extra = " (only plug-in rewards take it)" if k in PLUGIN_KEYS else ""
+            raise ValueError(f"rewards.{name}.{k}: unknown key for the {kind} reward{extra} "
+                             f"(known: {', '.join(sorted(known))})")
+    for k in sorted(required):
+        if k not in spec:
+            raise ValueError(f"rewards.{name}.{k}: required for the {kind} reward")
 
 
 def spec_dict(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:

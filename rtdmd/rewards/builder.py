@@ -12,6 +12,9 @@ from typing import Any
 import torch
 
 from ._load import (
+    MIXTURE_KEYS,
+    PLUGIN_KEYS,
+    check_spec_keys,
     load_clip_model,
     load_image_processor,
     load_tokenizer,
@@ -39,8 +42,6 @@ _KIND_KEYS = {
     "hpsv2": ({"path", "tokenizer_path"}, set()),
     "aesthetic": ({"path", "clip_path"}, {"processor_path"}),
 }
-_PLUGIN_KEYS = {"function", "differentiable"}
-_MIXTURE_KEYS = {"kind", "weight", "backprop"}  # weight/backprop belong to the mixture; accepted and ignored here
 
 
 def build_image_reward(name: str, spec: Mapping[str, Any], device: torch.device | str | None = None) -> Reward:
@@ -58,7 +59,7 @@ def build_image_reward(name: str, spec: Mapping[str, Any], device: torch.device 
     """
     s = spec_dict(name, spec)
     if "function" in s:
-        allowed = _PLUGIN_KEYS | _MIXTURE_KEYS
+        allowed = PLUGIN_KEYS | MIXTURE_KEYS
         for k in s:
             if k not in allowed:
                 raise ValueError(f"rewards.{name}.{k}: unknown key for a plug-in reward "
@@ -80,14 +81,7 @@ def build_image_reward(name: str, spec: Mapping[str, Any], device: torch.device 
     required, optional = _KIND_KEYS[kind]
     if s.get("differentiable") is False:  # the config's default for every entry; only a plug-in may set it
         del s["differentiable"]
-    for k in s:
-        if k not in required | optional | _MIXTURE_KEYS:
-            extra = " (only plug-in rewards take it)" if k in _PLUGIN_KEYS else ""
-            raise ValueError(f"rewards.{name}.{k}: unknown key for the {kind} reward{extra} "
-                             f"(known: {', '.join(sorted(required | optional))})")
-    for k in sorted(required):
-        if k not in s:
-            raise ValueError(f"rewards.{name}.{k}: required for the {kind} reward")
+    check_spec_keys(name, kind, s, required, optional)
     key = f"rewards.{name}"
 
     if kind in ("clipscore", "pickscore"):

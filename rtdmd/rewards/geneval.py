@@ -72,7 +72,16 @@ import torch
 from torch import nn
 
 from ..data import prompt_metadata
-from ._load import load_clip_model, load_image_processor, load_tokenizer, one_line, spec_dict, spec_folder
+from ._load import (
+    check_spec_keys,
+    load_clip_model,
+    load_image_processor,
+    load_processor,
+    load_tokenizer,
+    one_line,
+    spec_dict,
+    spec_folder,
+)
 from .base import Reward
 from .image import pooled, to_uint8_arrays, unit
 
@@ -597,7 +606,6 @@ class GenEvalReward(Reward):
 
 _REQUIRED = {"path", "clip_path"}
 _OPTIONAL = {"processor_path"}
-_MIXTURE_KEYS = {"kind", "weight", "backprop"}  # the mixture's; accepted and ignored here
 
 
 def _mask2former_processor_class() -> type:
@@ -626,13 +634,7 @@ def load_mask2former(folder: Path, key: str) -> nn.Module:
 
 def load_mask2former_processor(folder: Path, key: str) -> Any:
     """The folder's Mask2Former image processor (PIL backend); transformers' defaults if it has none."""
-    cls = _mask2former_processor_class()
-    if not (folder / "preprocessor_config.json").is_file():
-        return cls()
-    try:
-        return cls.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{key}: cannot load a Mask2Former image processor from {folder}: {one_line(e)}") from e
+    return load_processor(_mask2former_processor_class(), folder, key, "a Mask2Former image processor")
 
 
 def build_geneval_reward(name: str, spec: Mapping[str, Any], device: torch.device | str | None = None
@@ -650,14 +652,7 @@ def build_geneval_reward(name: str, spec: Mapping[str, Any], device: torch.devic
         if s["differentiable"] is not False:
             raise ValueError(f"rewards.{name}.differentiable: the geneval reward is not differentiable")
         del s["differentiable"]
-    for k in s:
-        if k not in _REQUIRED | _OPTIONAL | _MIXTURE_KEYS:
-            extra = " (only plug-in rewards take it)" if k == "function" else ""
-            raise ValueError(f"rewards.{name}.{k}: unknown key for the geneval reward{extra} "
-                             f"(known: {', '.join(sorted(_REQUIRED | _OPTIONAL))})")
-    for k in sorted(_REQUIRED):
-        if k not in s:
-            raise ValueError(f"rewards.{name}.{k}: required for the geneval reward")
+    check_spec_keys(name, "geneval", s, _REQUIRED, _OPTIONAL)
     key = f"rewards.{name}"
     model_dir = spec_folder(s, name, "path")
     proc_key = "processor_path" if "processor_path" in s else "path"

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._load import one_line, read_state_dict, unused_keys_message
+from ._load import check_spec_keys, one_line, read_state_dict, spec_dict, unused_keys_message
 from .base import Reward
 from .image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageReward, normalize, resize_shorter_center_crop
 
@@ -448,7 +448,6 @@ class ImageRewardScore(ImageReward):
 # --------------------------------------------------------------------------------------------------------------
 
 _REQUIRED = ("path", "tokenizer_path")
-_MIXTURE = ("kind", "weight", "backprop")  # the mixture's keys: accepted and ignored here
 
 
 def build_imagereward(name: str, spec: Mapping[str, Any], device: torch.device | str | None = None) -> Reward:
@@ -457,21 +456,12 @@ def build_imagereward(name: str, spec: Mapping[str, Any], device: torch.device |
     ``backprop`` and ``kind: imagereward`` are accepted; ``None`` values and ``differentiable: false`` count as unset.
     Wrong, unknown or missing keys raise a one-line ``ValueError`` naming ``rewards.<name>.<key>``. Never downloads.
     """
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"rewards.{name}: expected a mapping of settings, got {type(spec).__name__}")
-    s = {str(k): v for k, v in spec.items() if v is not None}
+    s = spec_dict(name, spec)
     if s.get("differentiable") is False:
         del s["differentiable"]
     if s.get("kind", "imagereward") != "imagereward":
         raise ValueError(f"rewards.{name}.kind: build_imagereward builds kind 'imagereward', got {s['kind']!r}")
-    for k in s:
-        if k not in _REQUIRED and k not in _MIXTURE:
-            extra = " (only plug-in rewards take it)" if k in ("function", "differentiable") else ""
-            raise ValueError(f"rewards.{name}.{k}: unknown key for the imagereward reward{extra} "
-                             f"(known: {', '.join(_REQUIRED)})")
-    for k in _REQUIRED:
-        if k not in s:
-            raise ValueError(f"rewards.{name}.{k}: required for the imagereward reward")
+    check_spec_keys(name, "imagereward", s, _REQUIRED)
     ckpt = Path(str(s["path"])).expanduser()
     if not ckpt.is_file():
         raise ValueError(f"rewards.{name}.path: no such file: {ckpt}")
