@@ -79,18 +79,18 @@ class Toy(World):
             env.barrier()
         log.info("base network: %s (%s)", "loaded from cache" if info["cached"] else "pretrained", info["path"])
         t = cfg.toy
-        self.evaluator_ = ToyEvaluator(self.world, n_eval=t.n_eval, beta=t.beta, beta_max=t.beta_max,
-                                       beta_step=t.beta_step, seed=cfg.seed)
+        self.toy_eval = ToyEvaluator(self.world, n_eval=t.n_eval, beta=t.beta, beta_max=t.beta_max,
+                                     beta_step=t.beta_step, seed=cfg.seed)
         # sampling is collective (each rank its block); the metrics are rank 0's
         self.done = run.summary().get("eval", {}) if env.main else dict.fromkeys(("teacher", "base_4step", "ac_dmd",
                                                                                  "rtdmd"), 0)
         rows = {}
-        self.pictures = {"teacher": self.evaluator_.tilted_samples(0.0, "eval/teacher_b")}
+        self.pictures = {"teacher": self.toy_eval.tilted_samples(0.0, "eval/teacher_b")}
         if "teacher" not in self.done:
-            rows["teacher"] = self.evaluator_.teacher_row()
-        self.pictures["base_4step"] = generate_samples(self.base, self.evaluator_, cfg, env)
+            rows["teacher"] = self.toy_eval.teacher_row()
+        self.pictures["base_4step"] = generate_samples(self.base, self.toy_eval, cfg, env)
         if "base_4step" not in self.done:
-            rows["base_4step"] = self.evaluator_.row(self.pictures["base_4step"])
+            rows["base_4step"] = self.toy_eval.row(self.pictures["base_4step"])
         seconds = {"base_pretraining": round(info["seconds"], 2),
                    "eval": round(time.perf_counter() - start - info["seconds"], 2)}
         _log_rows(run, rows)
@@ -109,16 +109,16 @@ class Toy(World):
         return build_rewards(self.cfg, self.world)
 
     def finish_stage(self, name, state):
-        self.pictures[name] = generate_samples(state.ema.module, self.evaluator_, self.cfg, self.env)
+        self.pictures[name] = generate_samples(state.ema.module, self.toy_eval, self.cfg, self.env)
         trained = self.env.main and (name not in self.done or state.trained_now)
-        rows = {name: self.evaluator_.row(self.pictures[name])} if trained else {}
+        rows = {name: self.toy_eval.row(self.pictures[name])} if trained else {}
         _log_rows(self.run, rows)
         self.summary = self.run.update_summary(preset=self.cfg.preset, rows=rows,
                                                seconds={name: round(state.seconds, 2)})
 
     def finish(self):
         if self.env.main:
-            plot_toy_rows(self.world, self.evaluator_.prompt_idx, self.pictures, self.run.path / "samples.png")
+            plot_toy_rows(self.world, self.toy_eval.prompt_idx, self.pictures, self.run.path / "samples.png")
             print(format_table(self.summary["eval"]))
             print(f"run folder: {self.run.path}")
 

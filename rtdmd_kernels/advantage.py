@@ -288,8 +288,7 @@ def _exact_mean(mean: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, G: int,
     """The group means ``[G, R]`` with each all-equal group's replaced by that value exactly (a rounded
     sum / n can miss it by an ulp): every residual of such a group is then exactly 0, and so is its advantage."""
     idx = ids.unsqueeze(1).expand_as(x)
-    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
-    lo_in, hi_in = (x, x) if valid is None else (torch.where(valid, x, inf), torch.where(valid, x, -inf))
+    lo_in, hi_in = (x, x) if valid is None else (torch.where(valid, x, math.inf), torch.where(valid, x, -math.inf))
     lo = torch.full_like(mean, math.inf).scatter_reduce_(0, idx, lo_in, "amin")
     hi = torch.full_like(mean, -math.inf).scatter_reduce_(0, idx, hi_in, "amax")
     return torch.where(lo == hi, hi, mean)

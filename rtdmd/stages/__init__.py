@@ -7,8 +7,9 @@ from .ac_dmd import Stage1, Stage1State
 from .common import StageState
 from .rtdmd import Stage2, Stage2State
 
+__all__ = ["Stage1", "Stage1State", "Stage2", "Stage2State", "StageState", "STATES", "init_state"]
+
 STATES: dict[int, type[StageState]] = {1: Stage1State, 2: Stage2State}
-LOOPS = {1: Stage1, 2: Stage2}
 
 
 def init_state(stage: int, generator, fake, cfg) -> StageState:
