@@ -1,4 +1,4 @@
-"""Argument checking and small helpers shared by every op (no kernels here)."""
+"""Argument checking, small helpers and the custom-op registration shared by every op (no kernels here)."""
 
 from __future__ import annotations
 
@@ -167,3 +167,27 @@ def table_columns(sched: torch.Tensor | None, vals: Sequence[float], dtype: torc
     if sched is None:
         return list(vals)
     return [sched[:, i:i + 1].to(dtype) for i in range(len(vals))]
+
+
+class KernelOp:
+    """A launcher registered once as the custom op ``rtdmd_kernels::<name>`` (with its fake implementation).
+
+    Calling it runs the registered op while ``torch.compile`` traces (opaque to the tracer, so
+    ``fullgraph=True`` holds) and the launcher itself in eager mode, where custom-op dispatch would cost more
+    than the op at small sizes. The launcher's annotations are the op's schema.
+    """
+
+    def __init__(self, name: str, launcher, fake) -> None:
+        self.launcher = launcher
+        self.op = torch.library.custom_op(f"rtdmd_kernels::{name}", launcher, mutates_args=())
+        self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.launcher(*args)
+
+
+def kernel_op(name: str, fake):
+    """Decorator form of :class:`KernelOp`."""
+    return lambda launcher: KernelOp(name, launcher, fake)

@@ -338,7 +338,11 @@ def _torch_masked(x, ids, G, use_index_add, weights, scale, ddof, eps, restandar
     return torch.where(id_ok, adv, float("nan"))
 
 
-def _impl(rewards, group_ids, weights, num_groups, scale, ddof, eps, restandardize, clip):
+def _group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor | None, num_groups: int,
+    scale: str, ddof: int, eps: float, restandardize: bool, clip: float | None,
+) -> torch.Tensor:
+    """The launcher (the torch path inside): ``[N]`` advantages, float32 (float64 for float64 rewards)."""
     x = rewards if rewards.dim() == 2 else rewards.unsqueeze(1)
     if x.shape[0] == 0:
         return x.new_empty(0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -348,18 +352,12 @@ def _impl(rewards, group_ids, weights, num_groups, scale, ddof, eps, restandardi
     return _triton_impl(x, ids, weights, num_groups, scale, ddof, eps, restandardize, clip)
 
 
-@torch.library.custom_op("rtdmd_kernels::group_advantages", mutates_args=())
-def _group_advantages_op(
-    rewards: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor | None, num_groups: int,
-    scale: str, ddof: int, eps: float, restandardize: bool, clip: float | None,
-) -> torch.Tensor:
-    return _impl(rewards, group_ids, weights, num_groups, scale, ddof, eps, restandardize, clip)
-
-
-@_group_advantages_op.register_fake
-def _(rewards, group_ids, weights, num_groups, scale, ddof, eps, restandardize, clip):
+def _group_advantages_fake(rewards, group_ids, weights, num_groups, scale, ddof, eps, restandardize, clip):
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     return rewards.new_empty((rewards.shape[0],), dtype=dtype)
+
+
+_group_advantages_op = C.KernelOp("group_advantages", _group_advantages, _group_advantages_fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,9 +503,7 @@ def group_advantages(
         raise ValueError(f"num_groups must be >= 1 for N={N} samples, got 0")
     args = (rewards.detach(), group_ids, w, num_groups, scale, int(ddof), float(eps), bool(restandardize),
             None if clip is None else float(clip))
-    if torch.compiler.is_compiling():
-        return _group_advantages_op(*args)
-    return _impl(*args)  # eager calls skip the custom-op dispatch (it costs more than the op at small N)
+    return _group_advantages_op(*args)
 
 
 def group_ids(keys: Iterable[Hashable]) -> torch.Tensor:

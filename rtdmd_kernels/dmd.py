@@ -12,18 +12,20 @@ directly (the reference's (x - x_real) - (x - x_fake) is the same up to rounding
 no read of x); for AC-DMD the two CPS transitions share their noise, so
 xs_fake - xs_real = k(sigma_s, sigma_t, eta) * (v_fake - v_teacher) and pass B never reads x_t or the
 noise. Neither xs_real nor xs_fake is ever materialised. The gradient dL/dx = grad_out * g / N is
-made in the forward; backward only scales it. Partial sums are per (sample, chunk) and reduced in a
+made in the forward; backward only scales it (``_shared.scale_grad``). Partial sums are per (sample, chunk) and reduced in a
 fixed order, so results are deterministic and do not depend on the launch grid's scheduling.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from . import _common as C
 from ._backend import backend_for, triton_available
+from ._shared import cps_coefficients, scale_grad
 
 __all__ = ["dmd_loss", "ac_dmd_loss"]
 
@@ -34,23 +36,22 @@ BLOCK = 1024  # elements per inner iteration of a program
 NUM_WARPS = 4
 MAX_CHUNKS = 128  # chunks per sample: enough programs to fill a GPU at B = 8 and 512 px
 FINAL_BLOCK = 1024
-SCALE_BLOCK = 4096
 
 if triton_available():
     import triton
     import triton.language as tl
 
+    from ._shared import cps_transition
     from ._triton_utils import chunk_coords, chunk_offsets, chunk_program, per_sample_value, stream_f32
 
     @triton.jit
     def _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE: tl.constexpr):
         # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (docs/method.md §2.1); also the CFG scale.
-        sig_s = per_sample_value(sched_ptr, b, 0, 5, s_s, PER_SAMPLE)
-        sig_t = per_sample_value(sched_ptr, b, 1, 5, s_t, PER_SAMPLE)
-        ce = per_sample_value(sched_ptr, b, 3, 5, c_eta, PER_SAMPLE)
-        a = (1.0 - sig_s) + sig_s * ce
-        k = sig_s * ce * (1.0 - sig_t) - (1.0 - sig_s) * sig_t
-        c = sig_s * per_sample_value(sched_ptr, b, 4, 5, s_eta, PER_SAMPLE)
+        # Table columns: the Transition fields.
+        a, k, c = cps_transition(per_sample_value(sched_ptr, b, 1, 5, s_t, PER_SAMPLE),
+                                 per_sample_value(sched_ptr, b, 0, 5, s_s, PER_SAMPLE),
+                                 per_sample_value(sched_ptr, b, 3, 5, c_eta, PER_SAMPLE),
+                                 per_sample_value(sched_ptr, b, 4, 5, s_eta, PER_SAMPLE))
         return a, k, c, per_sample_value(sched_ptr, b, 2, 5, gs, PER_SAMPLE)
 
     @triton.jit
@@ -143,16 +144,6 @@ if triton_available():
         tl.store(loss_ptr, 0.5 * (total / numel))
         tl.store(gnorm_ptr, tl.sqrt(total))
 
-    @triton.jit
-    def _scale_grad_kernel(g_ptr, go_ptr, dx_ptr, numel, BLOCK: tl.constexpr):
-        # Backward: dx = grad_out * g / N, read g once, write dx once.
-        pid = tl.program_id(0).to(tl.int64)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        scale = tl.load(go_ptr).to(tl.float32) / numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, (g * scale).to(dx_ptr.dtype.element_ty), mask=mask)
-
 
 def _triton_forward(x, reals, fakes, sched, vals, ac, has_uncond, normalize, eps, store_grad):
     """Launch passes A and B and the finalizer. ``reals``: pass-A operands, ``fakes``: pass-B operands."""
@@ -231,7 +222,27 @@ def _empty_forward(x, cd, normalize, eps):
     return zero, torch.empty_like(x), n, zero.clone()
 
 
-def _dmd_forward_impl(x, x_fake, x_real, normalize, eps, store_grad):
+_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Transition(NamedTuple):
+    """Per-sample schedule of ac_dmd_loss, the columns of its ``[B, 5]`` table in this order."""
+
+    sigma_s: C.Scalar
+    sigma_t: C.Scalar
+    guidance_scale: C.Scalar
+    cos_eta: C.Scalar
+    sin_eta: C.Scalar
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers (the torch path inside), each registered once as a custom op
+
+
+def _dmd_fwd(
+    x: torch.Tensor, x_fake: torch.Tensor, x_real: torch.Tensor, normalize: str, eps: float, store_grad: bool
+) -> _Outputs:
+    """(loss, g, normalizer [B], ||g||): g = dL/dx * N in x's dtype, empty unless ``store_grad``."""
     shape = x.shape
     cd = C.compute_dtype(x, x_fake, x_real)
     if x.numel() == 0:
@@ -251,23 +262,22 @@ def _dmd_forward_impl(x, x_fake, x_real, normalize, eps, store_grad):
     return loss, g.view(shape) if store_grad else g, n, gn
 
 
-def _ac_forward_impl(x_s, x_t, v_real, v_fake, noise, v_uncond, sched, sched_vals, normalize, eps, store_grad):
+def _ac_dmd_fwd(
+    x_s: torch.Tensor, x_t: torch.Tensor, v_real: torch.Tensor, v_fake: torch.Tensor, noise: torch.Tensor,
+    v_real_uncond: torch.Tensor | None, sched: torch.Tensor | None, sched_vals: list[float],
+    normalize: str, eps: float, store_grad: bool,
+) -> _Outputs:
+    """As ``_dmd_fwd`` with x_fake, x_real the two CPS transitions; ``sched``/``sched_vals``: a Transition."""
     shape = x_s.shape
-    cd = C.compute_dtype(x_s, x_t, v_real, v_fake, noise, v_uncond)
+    cd = C.compute_dtype(x_s, x_t, v_real, v_fake, noise, v_real_uncond)
     if x_s.numel() == 0:
         return _empty_forward(x_s, cd, normalize, eps)
     xs2, xt2, vr2, vf2, nz2 = (C.flat(t) for t in (x_s, x_t, v_real, v_fake, noise))
-    vu2 = C.flat(v_uncond) if v_uncond is not None else None
+    vu2 = C.flat(v_real_uncond) if v_real_uncond is not None else None
     if backend_for(x_s) == "torch" or cd == torch.float64:
-        if sched is not None:
-            s_s, s_t, gs, ce, se = (sched[:, i].to(cd).unsqueeze(1) for i in range(5))
-        else:
-            s_s, s_t, gs, ce, se = sched_vals
-        # CPS transition (x_t, sigma_t) -> sigma_s as a*x_t + k*v + c*noise (docs/method.md §2.1)
-        a = (1.0 - s_s) + s_s * ce
-        k = s_s * ce * (1.0 - s_t) - (1.0 - s_s) * s_t
-        c = s_s * se
-        v = vr2.to(cd) if vu2 is None else torch.lerp(vu2.to(cd), vr2.to(cd), gs)  # CFG combine
+        tr = Transition(*C.table_columns(sched, sched_vals, cd))
+        a, k, c = cps_coefficients(tr.sigma_t, tr.sigma_s, tr.cos_eta, tr.sin_eta)
+        v = vr2.to(cd) if vu2 is None else torch.lerp(vu2.to(cd), vr2.to(cd), tr.guidance_scale)  # CFG combine
         abs_sum, buf = None, None
         if normalize != "none":
             buf = xt2.to(cd) * (-a)  # x_s - xs_real
@@ -284,117 +294,62 @@ def _ac_forward_impl(x_s, x_t, v_real, v_fake, noise, v_uncond, sched, sched_val
     return loss, g.view(shape) if store_grad else g, n, gn
 
 
-def _grad_impl(g: torch.Tensor, grad_loss: torch.Tensor, numel: int) -> torch.Tensor:
-    """dL/dx = grad_out * g / N in g's dtype (g holds x's dtype)."""
-    if g.numel() == 0:
-        return torch.zeros_like(g)
-    if backend_for(g) == "torch":
-        scale = grad_loss.to(torch.float64 if g.dtype == torch.float64 else torch.float32) / numel
-        if g.dtype in (torch.float32, torch.float64):
-            return g * scale
-        return (g.float() * scale).to(g.dtype)  # keep the scale out of fp16's subnormal range
-    dx = torch.empty_like(g)
-    grid = (triton.cdiv(g.numel(), SCALE_BLOCK),)
-    _scale_grad_kernel[grid](g, grad_loss.reshape(1), dx, numel, BLOCK=SCALE_BLOCK, num_warps=8)
-    return dx
-
-
-# ---------------------------------------------------------------------------------------------
-# custom ops: one opaque forward and one backward op, traced by torch.compile without graph breaks.
-# register_autograd makes the pair the autograd Function of both losses.
-
-_Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@torch.library.custom_op("rtdmd_kernels::dmd_forward", mutates_args=())
-def _dmd_forward_op(
-    x: torch.Tensor, x_fake: torch.Tensor, x_real: torch.Tensor, normalize: str, eps: float, store_grad: bool
-) -> _Outputs:
-    return _dmd_forward_impl(x, x_fake, x_real, normalize, eps, store_grad)
-
-
-@torch.library.custom_op("rtdmd_kernels::ac_dmd_forward", mutates_args=())
-def _ac_forward_op(
-    x_s: torch.Tensor, x_t: torch.Tensor, v_real: torch.Tensor, v_fake: torch.Tensor, noise: torch.Tensor,
-    v_real_uncond: torch.Tensor | None, sched: torch.Tensor | None, sched_vals: list[float],
-    normalize: str, eps: float, store_grad: bool,
-) -> _Outputs:
-    return _ac_forward_impl(
-        x_s, x_t, v_real, v_fake, noise, v_real_uncond, sched, sched_vals, normalize, eps, store_grad
-    )
-
-
-@torch.library.custom_op("rtdmd_kernels::dmd_grad", mutates_args=())
-def _grad_op(g: torch.Tensor, grad_loss: torch.Tensor, numel: int) -> torch.Tensor:
-    return _grad_impl(g, grad_loss, numel)
-
-
 def _fake_outputs(x: torch.Tensor, cd: torch.dtype, store_grad: bool) -> _Outputs:
     g = torch.empty_like(x, memory_format=torch.contiguous_format) if store_grad else x.new_empty(0)
     return x.new_empty((), dtype=cd), g, x.new_empty((x.shape[0],), dtype=cd), x.new_empty((), dtype=cd)
 
 
-@_dmd_forward_op.register_fake
-def _(x, x_fake, x_real, normalize, eps, store_grad):
-    return _fake_outputs(x, C.compute_dtype(x, x_fake, x_real), store_grad)
+_dmd_fwd_op = C.KernelOp("dmd_fwd", _dmd_fwd, lambda x, x_fake, x_real, normalize, eps, store_grad: _fake_outputs(
+    x, C.compute_dtype(x, x_fake, x_real), store_grad))
+_ac_dmd_fwd_op = C.KernelOp(
+    "ac_dmd_fwd", _ac_dmd_fwd,
+    lambda x_s, x_t, v_real, v_fake, noise, v_real_uncond, sched, sched_vals, normalize, eps, store_grad:
+    _fake_outputs(x_s, C.compute_dtype(x_s, x_t, v_real, v_fake, noise, v_real_uncond), store_grad))
 
 
-@_ac_forward_op.register_fake
-def _(x_s, x_t, v_real, v_fake, noise, v_real_uncond, sched, sched_vals, normalize, eps, store_grad):
-    return _fake_outputs(x_s, C.compute_dtype(x_s, x_t, v_real, v_fake, noise, v_real_uncond), store_grad)
+# ---------------------------------------------------------------------------------------------
+# autograd: the forward makes g, the backward scales it (eager and under torch.compile alike)
 
 
-@_grad_op.register_fake
-def _(g, grad_loss, numel):
-    return torch.empty_like(g)
-
-
-def _setup_context(ctx, inputs, output):
-    x = inputs[0]
-    ctx.mark_non_differentiable(output[2], output[3])  # the statistics, as in eager mode
+def _keep_grad(ctx, x, outputs):
+    """Save g for the backward; the statistics are constants. Returns (loss, normalizer, grad_norm)."""
+    loss, g, normalizer, grad_norm = outputs
+    ctx.mark_non_differentiable(normalizer, grad_norm)
     ctx.numel = x.numel()
-    ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(g)
+    return loss, normalizer, grad_norm
 
 
-def _backward(ctx, grad_loss, *_unused):
+def _scaled(ctx, grad_loss):
     (g,) = ctx.saved_tensors
     if g.numel() != ctx.numel:  # forward ran without grad enabled for x
         raise RuntimeError("rtdmd_kernels: the loss was computed with x.requires_grad=False or under no_grad")
-    dx = _grad_op(g, grad_loss, ctx.numel)
-    return (dx,) + (None,) * (ctx.n_inputs - 1)
+    return scale_grad(g, grad_loss, ctx.numel)
 
 
-_dmd_forward_op.register_autograd(_backward, setup_context=_setup_context)
-_ac_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _GeneratorLossFunction(torch.autograd.Function):
-    """The autograd Function of both losses in eager mode: forward makes g, backward scales it.
-
-    Under torch.compile the same impls run through the custom ops above instead (opaque to the
-    tracer); eager calls skip the custom-op dispatch, which costs more than the op at small sizes.
-    """
-
+class _DMDLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, forward_impl, args, x):
-        loss, g, normalizer, grad_norm = forward_impl(x, *args)
-        ctx.mark_non_differentiable(normalizer, grad_norm)
-        ctx.numel = x.numel()
-        ctx.save_for_backward(g)
-        return loss, normalizer, grad_norm
+    def forward(ctx, x, x_fake, x_real, normalize, eps, store_grad):
+        return _keep_grad(ctx, x, _dmd_fwd_op(x, x_fake, x_real, normalize, eps, store_grad))
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_normalizer, _grad_norm):
-        (g,) = ctx.saved_tensors
-        return None, None, _grad_impl(g, grad_loss, ctx.numel)
+        return _scaled(ctx, grad_loss), None, None, None, None, None
 
 
-def _run(op, forward_impl, x, args, return_stats):
-    if torch.compiler.is_compiling():
-        loss, _g, normalizer, grad_norm = op(x, *args)
-    else:
-        loss, normalizer, grad_norm = _GeneratorLossFunction.apply(forward_impl, args, x)
+class _ACDMDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_s, x_t, v_real, v_fake, noise, v_real_uncond, sched, sched_vals, normalize, eps, store_grad):
+        return _keep_grad(ctx, x_s, _ac_dmd_fwd_op(x_s, x_t, v_real, v_fake, noise, v_real_uncond, sched, sched_vals,
+                                               normalize, eps, store_grad))
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_normalizer, _grad_norm):
+        return (_scaled(ctx, grad_loss),) + (None,) * 10
+
+
+def _result(outputs, return_stats):
+    loss, normalizer, grad_norm = outputs
     if return_stats:
         return loss, {"grad_norm": grad_norm, "normalizer": normalizer}
     return loss
@@ -430,8 +385,7 @@ def dmd_loss(
     C.check_choice("normalize", normalize, NORMALIZE_MODES)
     eps = C.check_eps(eps)
     store = torch.is_grad_enabled() and x.requires_grad
-    args = (x_fake.detach(), x_real.detach(), normalize, eps, store)
-    return _run(_dmd_forward_op, _dmd_forward_impl, x, args, return_stats)
+    return _result(_DMDLoss.apply(x, x_fake.detach(), x_real.detach(), normalize, eps, store), return_stats)
 
 
 def ac_dmd_loss(
@@ -471,10 +425,9 @@ def ac_dmd_loss(
     s_t = C.schedule_value("sigma_t", sigma_t, B, dev, exact)
     gs = C.schedule_value("guidance_scale", guidance_scale, B, dev, exact)
     et = C.schedule_value("eta", eta, B, dev, exact)
-    c_eta, s_eta = C.eta_cos_sin(et)
-    sched, vals = C.pack_schedule((s_s, s_t, gs, c_eta, s_eta), B, dev)
+    sched, vals = C.pack_schedule(Transition(s_s, s_t, gs, *C.eta_cos_sin(et)), B, dev)
     store = torch.is_grad_enabled() and x_s.requires_grad
     detached = [t.detach() for t in (x_t, v_real, v_fake, noise)]
     uncond = v_real_uncond.detach() if v_real_uncond is not None else None
-    args = (*detached, uncond, sched, vals, normalize, eps, store)
-    return _run(_ac_forward_op, _ac_forward_impl, x_s, args, return_stats)
+    outputs = _ACDMDLoss.apply(x_s, *detached, uncond, sched, vals, normalize, eps, store)
+    return _result(outputs, return_stats)

@@ -24,12 +24,13 @@ reduced in a fixed order: deterministic and independent of the launch grid. The 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from . import _common as C
-from . import dmd, policy
 from ._backend import backend_for, triton_available
+from ._shared import affine_grad, scale_grad
 
 __all__ = ["renoise", "fake_score_loss", "consistency_loss"]
 
@@ -39,6 +40,32 @@ NUM_WARPS = 4
 MAX_CHUNKS = 128  # chunks per sample of the reduction passes
 FINAL_BLOCK = 1024
 VAR_FLOOR = 1e-12  # the reference's floor of sigma_ts^2 and of scale^2
+
+
+class SubInterval(NamedTuple):
+    """Per-sample coefficients of the renoise from sigma_s to sigma_t (docs/method.md §4.1.3-4):
+    ``x_t = a*x_s + sigma_ts*noise``; the fake-score target is ``-cx*x_s + beta*noise``, ``cx = sigma_ts/(1-sigma_s)``."""
+
+    a: C.Scalar
+    sigma_ts: C.Scalar
+    cx: C.Scalar
+    beta: C.Scalar
+
+
+class FakeScoreCoefficients(NamedTuple):
+    """The columns of fake_score_loss' ``[B, 4]`` table: ``r = scale*v_hat + cx*x_s - beta*noise``, weight w."""
+
+    scale: C.Scalar
+    cx: C.Scalar
+    beta: C.Scalar
+    weight: C.Scalar
+
+
+class ConsistencyCoefficients(NamedTuple):
+    """The columns of consistency_loss' ``[B, 2]`` table."""
+
+    sigma_t: C.Scalar
+    sigma_p: C.Scalar
 
 if triton_available():
     import triton
@@ -164,10 +191,11 @@ def _finalize(part: torch.Tensor, numel: int, nan_to_num: bool) -> tuple[torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# renoise
+# renoise: launcher, custom op, autograd (backward: _shared.affine_grad with (a, k) = (a, sigma_ts))
 
 
-def _renoise_impl(x_s, noise, sched, vals):
+def _renoise_fwd(x_s: torch.Tensor, noise: torch.Tensor, sched: torch.Tensor | None, vals: list[float]) -> torch.Tensor:
+    """x_t = a*x_s + sigma_ts*noise in x_s's dtype; table columns a, sigma_ts, 0, 0."""
     shape = x_s.shape
     cd = C.compute_dtype(x_s, noise)
     x2, n2 = C.flat(x_s), C.flat(noise)
@@ -183,54 +211,38 @@ def _renoise_impl(x_s, noise, sched, vals):
     return out.view(shape)
 
 
-@torch.library.custom_op("rtdmd_kernels::renoise", mutates_args=())
-def _renoise_op(x_s: torch.Tensor, noise: torch.Tensor, sched: torch.Tensor | None, vals: list[float]) -> torch.Tensor:
-    return _renoise_impl(x_s, noise, sched, vals)
+_renoise_fwd_op = C.KernelOp("renoise_fwd", _renoise_fwd, lambda x_s, noise, sched, vals: torch.empty_like(
+    x_s, memory_format=torch.contiguous_format))
 
 
-@_renoise_op.register_fake
-def _(x_s, noise, sched, vals):
-    return torch.empty_like(x_s, memory_format=torch.contiguous_format)
-
-
-def _renoise_grads(ctx, g, grad_fn):
-    """dx_s = a*g, dnoise = sigma_ts*g: the cps_step backward with (a, k) = (a, sigma_ts)."""
-    (sched,) = ctx.saved_tensors
-    need_x, need_n = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if g is None or not (need_x or need_n):
-        return None, None, None, None
-    dx, dn = grad_fn(g, None, sched, ctx.vals, need_x, need_n, ctx.n_dtype)
-    return (dx if need_x else None), (dn if need_n else None), None, None
-
-
-def _renoise_setup_context(ctx, inputs, output):
-    _x_s, noise, sched, vals = inputs
-    ctx.save_for_backward(sched)
-    ctx.vals, ctx.n_dtype = vals, noise.dtype
-
-
-_renoise_op.register_autograd(lambda ctx, g: _renoise_grads(ctx, g, policy._cps_step_grad_op),
-                              setup_context=_renoise_setup_context)
-
-
-class _RenoiseFunction(torch.autograd.Function):
+class _Renoise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_s, noise, sched, vals):
         ctx.set_materialize_grads(False)
-        _renoise_setup_context(ctx, (x_s, noise, sched, vals), None)
-        return _renoise_impl(x_s, noise, sched, vals)
+        ctx.save_for_backward(sched)
+        ctx.vals, ctx.n_dtype = vals, noise.dtype
+        return _renoise_fwd_op(x_s, noise, sched, vals)
 
     @staticmethod
     def backward(ctx, g):
-        return _renoise_grads(ctx, g, policy._cps_step_grad_impl)
+        (sched,) = ctx.saved_tensors
+        need_x, need_n = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if g is None or not (need_x or need_n):
+            return None, None, None, None
+        dx, dn = affine_grad(g, None, sched, ctx.vals, need_x, need_n, ctx.n_dtype)
+        return (dx if need_x else None), (dn if need_n else None), None, None
 
 
 # ---------------------------------------------------------------------------------------------
-# fake_score_loss: one pass makes the loss partials and h = 2*w*scale*r; backward is dmd's scale op
+# fake_score_loss: one pass makes the loss partials and h = 2*w*scale*r; backward: _shared.scale_grad
 
 
-def _fake_forward_impl(v_hat, x_s, noise, sched, vals, store):
-    """(loss, h): h = 2*w*scale*(v_hat*scale - target) in v_hat's dtype (empty unless ``store``)."""
+def _fake_score_fwd(
+    v_hat: torch.Tensor, x_s: torch.Tensor, noise: torch.Tensor, sched: torch.Tensor | None, vals: list[float],
+    store: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, h): h = 2*w*scale*(v_hat*scale - target) in v_hat's dtype (empty unless ``store``);
+    ``sched``/``vals``: FakeScoreCoefficients."""
     cd = C.compute_dtype(v_hat, x_s, noise)
     N = v_hat.numel()
     if N == 0:
@@ -256,40 +268,18 @@ def _fake_forward_impl(v_hat, x_s, noise, sched, vals, store):
     return loss, (h.view(v_hat.shape) if store else h)
 
 
-@torch.library.custom_op("rtdmd_kernels::fake_score_forward", mutates_args=())
-def _fake_forward_op(
-    v_hat: torch.Tensor, x_s: torch.Tensor, noise: torch.Tensor, sched: torch.Tensor | None, vals: list[float],
-    store: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fake_forward_impl(v_hat, x_s, noise, sched, vals, store)
-
-
-@_fake_forward_op.register_fake
-def _(v_hat, x_s, noise, sched, vals, store):
+def _fake_score_fwd_fake(v_hat, x_s, noise, sched, vals, store):
     h = torch.empty_like(v_hat, memory_format=torch.contiguous_format) if store else v_hat.new_empty(0)
     return v_hat.new_empty((), dtype=C.compute_dtype(v_hat, x_s, noise)), h
 
 
-def _fake_setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    ctx.numel = inputs[0].numel()
-    ctx.save_for_backward(output[1])
+_fake_score_fwd_op = C.KernelOp("fake_score_fwd", _fake_score_fwd, _fake_score_fwd_fake)
 
 
-def _fake_backward(ctx, grad_loss, _g_h):
-    (h,) = ctx.saved_tensors
-    if h.numel() != ctx.numel:
-        raise RuntimeError("rtdmd_kernels: the loss was computed with v_hat.requires_grad=False or under no_grad")
-    return dmd._grad_op(h, grad_loss, ctx.numel), None, None, None, None, None
-
-
-_fake_forward_op.register_autograd(_fake_backward, setup_context=_fake_setup_context)
-
-
-class _FakeScoreFunction(torch.autograd.Function):
+class _FakeScoreLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v_hat, args):
-        loss, h = _fake_forward_impl(v_hat, *args)
+    def forward(ctx, v_hat, x_s, noise, sched, vals, store):
+        loss, h = _fake_score_fwd_op(v_hat, x_s, noise, sched, vals, store)
         ctx.numel = v_hat.numel()
         ctx.save_for_backward(h)
         return loss
@@ -297,15 +287,21 @@ class _FakeScoreFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (h,) = ctx.saved_tensors
-        return dmd._grad_impl(h, grad_loss, ctx.numel), None
+        if h.numel() != ctx.numel:
+            raise RuntimeError("rtdmd_kernels: the loss was computed with v_hat.requires_grad=False or under no_grad")
+        return scale_grad(h, grad_loss, ctx.numel), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
-# consistency_loss: one pass makes the partials and d1, d2; one backward kernel makes three gradients
+# consistency_loss: one pass makes the partials and d1, d2; one backward launcher makes three gradients
 
 
-def _cons_forward_impl(x_t, v_hat, x1, v1, x2, v2, sched, vals, store):
-    """(loss, ok, d1, d2): loss = nan_to_num(mean(d1*d2)), ok = isfinite(mean) (1/0, loss dtype)."""
+def _consistency_fwd(
+    x_t: torch.Tensor, v_hat: torch.Tensor, x1: torch.Tensor, v1: torch.Tensor, x2: torch.Tensor,
+    v2: torch.Tensor, sched: torch.Tensor | None, vals: list[float], store: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ok, d1, d2): loss = nan_to_num(mean(d1*d2)), ok = isfinite(mean) (1/0, loss dtype);
+    ``sched``/``vals``: ConsistencyCoefficients."""
     cd = C.compute_dtype(x_t, v_hat, x1, v1, x2, v2)
     N = v_hat.numel()
     empty = v_hat.new_empty(0, dtype=cd)
@@ -334,8 +330,13 @@ def _cons_forward_impl(x_t, v_hat, x1, v1, x2, v2, sched, vals, store):
     return loss, ok, d1, d2
 
 
-def _cons_grad_impl(d1, d2, ok, go, sched, vals, shape, needs, *dtypes):
+def _consistency_bwd(
+    d1: torch.Tensor, d2: torch.Tensor, ok: torch.Tensor, go: torch.Tensor, sched: torch.Tensor | None,
+    vals: list[float], shape: list[int], needs: list[bool], dt_vh: torch.dtype, dt_v1: torch.dtype,
+    dt_v2: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dv_hat, dv1, dv2) in their inputs' dtypes (an empty tensor where not needed)."""
+    dtypes = (dt_vh, dt_v1, dt_v2)
     need_vh, need_v1, need_v2 = needs
     none = d1.new_empty(0)
     if math.prod(shape) == 0:
@@ -374,19 +375,7 @@ def _cons_grad_impl(d1, d2, ok, go, sched, vals, shape, needs, *dtypes):
     return tuple(o.view(shape) if n else o for o, n in zip(outs, needs, strict=True))
 
 
-_ConsOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@torch.library.custom_op("rtdmd_kernels::consistency_forward", mutates_args=())
-def _cons_forward_op(
-    x_t: torch.Tensor, v_hat: torch.Tensor, x1: torch.Tensor, v1: torch.Tensor, x2: torch.Tensor,
-    v2: torch.Tensor, sched: torch.Tensor | None, vals: list[float], store: bool,
-) -> _ConsOut:
-    return _cons_forward_impl(x_t, v_hat, x1, v1, x2, v2, sched, vals, store)
-
-
-@_cons_forward_op.register_fake
-def _(x_t, v_hat, x1, v1, x2, v2, sched, vals, store):
+def _consistency_fwd_fake(x_t, v_hat, x1, v1, x2, v2, sched, vals, store):
     cd = C.compute_dtype(x_t, v_hat, x1, v1, x2, v2)
     B, D = v_hat.shape[0], math.prod(v_hat.shape[1:])
     d = (v_hat.new_empty((B, D), dtype=cd), v_hat.new_empty((B, D), dtype=cd)) if store and B * D else (
@@ -394,72 +383,41 @@ def _(x_t, v_hat, x1, v1, x2, v2, sched, vals, store):
     return v_hat.new_empty((), dtype=cd), v_hat.new_empty((), dtype=cd), *d
 
 
-@torch.library.custom_op("rtdmd_kernels::consistency_grad", mutates_args=())
-def _cons_grad_op(
-    d1: torch.Tensor, d2: torch.Tensor, ok: torch.Tensor, go: torch.Tensor, sched: torch.Tensor | None,
-    vals: list[float], shape: list[int], needs: list[bool], dt_vh: torch.dtype, dt_v1: torch.dtype,
-    dt_v2: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cons_grad_impl(d1, d2, ok, go, sched, vals, shape, needs, dt_vh, dt_v1, dt_v2)
-
-
-@_cons_grad_op.register_fake
-def _(d1, d2, ok, go, sched, vals, shape, needs, dt_vh, dt_v1, dt_v2):
+def _consistency_bwd_fake(d1, d2, ok, go, sched, vals, shape, needs, dt_vh, dt_v1, dt_v2):
     return tuple(d1.new_empty(shape, dtype=dt) if n else d1.new_empty(0)
                  for n, dt in zip(needs, (dt_vh, dt_v1, dt_v2), strict=True))
 
 
-def _cons_save(ctx, v_hat, v1, v2, sched, vals, ok, d1, d2):
-    ctx.save_for_backward(d1, d2, ok, sched)
-    ctx.vals, ctx.shape = vals, list(v_hat.shape)
-    ctx.dtypes = [v_hat.dtype, v1.dtype, v2.dtype]
+_consistency_fwd_op = C.KernelOp("consistency_fwd", _consistency_fwd, _consistency_fwd_fake)
+_consistency_bwd_op = C.KernelOp("consistency_bwd", _consistency_bwd, _consistency_bwd_fake)
 
 
-def _cons_grads(ctx, grad_loss, needs, grad_fn):
-    d1, d2, ok, sched = ctx.saved_tensors
-    if math.prod(ctx.shape) and d1.numel() == 0:
-        raise RuntimeError("rtdmd_kernels: the consistency loss was computed under no_grad")
-    return grad_fn(d1, d2, ok, grad_loss, sched, ctx.vals, ctx.shape, needs, *ctx.dtypes)
-
-
-def _cons_setup_context(ctx, inputs, output):
-    _x_t, v_hat, _x1, v1, _x2, v2, sched, vals, _store = inputs
-    _loss, ok, d1, d2 = output
-    ctx.mark_non_differentiable(ok, d1, d2)
-    _cons_save(ctx, v_hat, v1, v2, sched, vals, ok, d1, d2)
-
-
-def _cons_backward(ctx, grad_loss, *_unused):
-    needs = [bool(ctx.needs_input_grad[i]) for i in (1, 3, 5)]
-    dvh, dv1, dv2 = _cons_grads(ctx, grad_loss, needs, _cons_grad_op)
-    return None, (dvh if needs[0] else None), None, (dv1 if needs[1] else None), None, \
-        (dv2 if needs[2] else None), None, None, None
-
-
-_cons_forward_op.register_autograd(_cons_backward, setup_context=_cons_setup_context)
-
-
-class _ConsistencyFunction(torch.autograd.Function):
+class _ConsistencyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v_hat, v1, v2, args):
-        x_t, x1, x2, sched, vals, store = args
-        loss, ok, d1, d2 = _cons_forward_impl(x_t, v_hat, x1, v1, x2, v2, sched, vals, store)
-        _cons_save(ctx, v_hat, v1, v2, sched, vals, ok, d1, d2)
+    def forward(ctx, x_t, v_hat, x1, v1, x2, v2, sched, vals, store):
+        loss, ok, d1, d2 = _consistency_fwd_op(x_t, v_hat, x1, v1, x2, v2, sched, vals, store)
+        ctx.save_for_backward(d1, d2, ok, sched)
+        ctx.vals, ctx.shape = vals, list(v_hat.shape)
+        ctx.dtypes = [v_hat.dtype, v1.dtype, v2.dtype]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        needs = list(ctx.needs_input_grad[:3])
-        grads = _cons_grads(ctx, grad_loss, needs, _cons_grad_impl)
-        return tuple(g if n else None for g, n in zip(grads, needs, strict=True)) + (None,)
+        d1, d2, ok, sched = ctx.saved_tensors
+        if math.prod(ctx.shape) and d1.numel() == 0:
+            raise RuntimeError("rtdmd_kernels: the consistency loss was computed under no_grad")
+        needs = [bool(ctx.needs_input_grad[i]) for i in (1, 3, 5)]
+        dvh, dv1, dv2 = _consistency_bwd_op(d1, d2, ok, grad_loss, sched, ctx.vals, ctx.shape, needs, *ctx.dtypes)
+        return (None, dvh if needs[0] else None, None, dv1 if needs[1] else None, None, dv2 if needs[2] else None,
+                None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
 # schedule coefficients and argument checks
 
 
-def _sub_interval(sigma_s, sigma_t, exact: bool):
-    """Per-sample ``(a, sigma_ts, sigma_ts/(1-sigma_s), beta)`` of docs/method.md §4.1.3-4, from floats (math in
+def _sub_interval(sigma_s, sigma_t, exact: bool) -> SubInterval:
+    """The SubInterval of docs/method.md §4.1.3-4, from floats (math in
     double, returned as floats) or ``[B]`` tensors (float64 math, returned in float32, float64 when
     ``exact`` or a sigma is float64)."""
     (ss, st), out = C.schedule_math((sigma_s, sigma_t))
@@ -469,12 +427,12 @@ def _sub_interval(sigma_s, sigma_t, exact: bool):
         a = (1.0 - sigma_t) / (1.0 - sigma_s)
         sts = math.sqrt(max(sigma_t**2 - a**2 * sigma_s**2, VAR_FLOOR))
         beta = sigma_t + (1.0 - sigma_t) * sigma_s**2 / (1.0 - sigma_s) ** 2
-        return a, sts, sts / (1.0 - sigma_s), beta
+        return SubInterval(a, sts, sts / (1.0 - sigma_s), beta)
     out = torch.float64 if exact else out
     a = (1.0 - st) / (1.0 - ss)
     sts = torch.sqrt(torch.clamp(st**2 - a**2 * ss**2, min=VAR_FLOOR))
     beta = st + (1.0 - st) * ss**2 / (1.0 - ss) ** 2
-    return tuple(t.to(out).contiguous() for t in (a, sts, sts / (1.0 - ss), beta))
+    return SubInterval(*(t.to(out).contiguous() for t in (a, sts, sts / (1.0 - ss), beta)))
 
 
 def _weight(scale, weight_max: float):
@@ -513,11 +471,9 @@ def renoise(x_s: torch.Tensor, noise: torch.Tensor, sigma_s: C.Scalar, sigma_t: 
     C.check_like("x_s", x_s, "noise", noise)
     exact = C.compute_dtype(x_s, noise) == torch.float64
     s_s, s_t = _schedules(x_s, sigma_s, sigma_t, exact)
-    a, sts, _, _ = _sub_interval(s_s, s_t, exact)
-    sched, vals = C.pack_schedule((a, sts, 0.0, 0.0), x_s.shape[0], x_s.device)
-    if torch.compiler.is_compiling():
-        return _renoise_op(x_s, noise, sched, vals)
-    return _RenoiseFunction.apply(x_s, noise, sched, vals)
+    sub = _sub_interval(s_s, s_t, exact)
+    sched, vals = C.pack_schedule((sub.a, sub.sigma_ts, 0.0, 0.0), x_s.shape[0], x_s.device)
+    return _Renoise.apply(x_s, noise, sched, vals)
 
 
 def fake_score_loss(
@@ -544,13 +500,11 @@ def fake_score_loss(
     weight_max = _check_weight_max(weight_max)
     exact = C.compute_dtype(v_hat, x_s, noise) == torch.float64
     s_s, s_t = _schedules(v_hat, sigma_s, sigma_t, exact)
-    _a, sts, cx, beta = _sub_interval(s_s, s_t, exact)
-    sched, vals = C.pack_schedule((sts, cx, beta, _weight(sts, weight_max)), v_hat.shape[0], v_hat.device)
+    sub = _sub_interval(s_s, s_t, exact)
+    coefs = FakeScoreCoefficients(sub.sigma_ts, sub.cx, sub.beta, _weight(sub.sigma_ts, weight_max))
+    sched, vals = C.pack_schedule(coefs, v_hat.shape[0], v_hat.device)
     store = torch.is_grad_enabled() and v_hat.requires_grad
-    x_s, noise = x_s.detach(), noise.detach()
-    if torch.compiler.is_compiling():
-        return _fake_forward_op(v_hat, x_s, noise, sched, vals, store)[0]
-    return _FakeScoreFunction.apply(v_hat, (x_s, noise, sched, vals, store))
+    return _FakeScoreLoss.apply(v_hat, x_s.detach(), noise.detach(), sched, vals, store)
 
 
 def consistency_loss(
@@ -578,9 +532,6 @@ def consistency_loss(
     exact = C.compute_dtype(x_t, v_hat, x1, v1, x2, v2) == torch.float64
     s_t = C.schedule_value("sigma_t", sigma_t, B, dev, exact)
     s_p = C.schedule_value("sigma_p", sigma_p, B, dev, exact)
-    sched, vals = C.pack_schedule((s_t, s_p), B, dev)
+    sched, vals = C.pack_schedule(ConsistencyCoefficients(s_t, s_p), B, dev)
     store = torch.is_grad_enabled() and any(t.requires_grad for t in (v_hat, v1, v2))
-    x_t, x1, x2 = x_t.detach(), x1.detach(), x2.detach()
-    if torch.compiler.is_compiling():
-        return _cons_forward_op(x_t, v_hat, x1, v1, x2, v2, sched, vals, store)[0]
-    return _ConsistencyFunction.apply(v_hat, v1, v2, (x_t, x1, x2, sched, vals, store))
+    return _ConsistencyLoss.apply(x_t.detach(), v_hat, x1.detach(), v1, x2.detach(), v2, sched, vals, store)

@@ -24,11 +24,13 @@ inputs gives a ratio of exactly 1.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from . import _common as C
 from ._backend import backend_for, triton_available
+from ._shared import affine_grad, cps_coefficients
 
 __all__ = ["cps_step", "cps_logprob", "ppo_clip_loss"]
 
@@ -41,7 +43,31 @@ EW_BLOCK = 2048  # elements per program of the elementwise kernels
 NUM_WARPS = 4
 MAX_CHUNKS = 128  # chunks per sample of the reduction pass
 FINAL_BLOCK_B = 32  # samples per iteration of the finalize program
-NCOL = 4  # per-sample table columns: a, k, c (cps_step) or sd (log-prob), kl_std
+NCOL = 4  # per-sample table columns: the StepCoefficients fields
+
+
+class StepCoefficients(NamedTuple):
+    """Per-sample coefficients of a sampler step, the columns of its ``[B, 4]`` table in this order:
+    ``mean = a*x + k*v``; ``noise_scale`` the step's noise scale (cps: sigma_next*sin(eta*pi/2); sde: the
+    Gaussian's sd = std*sqrt(-dt)); ``kl_std`` the std the KL term divides by."""
+
+    a: C.Scalar
+    k: C.Scalar
+    noise_scale: C.Scalar
+    kl_std: C.Scalar
+
+
+class PPOParams(NamedTuple):
+    """The PPO loss' scalars, the first entries of the finalize kernel's parameter vector."""
+
+    clip_lo: float
+    clip_hi: float
+    clip_range: float
+    adv_clip: float
+    kl_coef: float
+
+
+_PolicyOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 if triton_available():
     import triton
@@ -65,26 +91,6 @@ if triton_available():
         mean = a * x + k * v
         tl.store(mean_ptr + offs, mean.to(mean_ptr.dtype.element_ty), mask=mask)
         tl.store(xn_ptr + offs, (mean + c * nz).to(xn_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _cps_step_grad_kernel(
-        gxn_ptr, gm_ptr, dx_ptr, dv_ptr, sched_ptr, a, k, D,
-        HAS_GXN: tl.constexpr, HAS_GMEAN: tl.constexpr, NEED_DX: tl.constexpr, NEED_DV: tl.constexpr,
-        PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        # g = grad x_next + grad mean (same Jacobians); dx = a*g, dv = k*g.
-        b, offs, mask = sample_block(D, BLOCK)
-        g = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_GXN:
-            g += tl.load(gxn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GMEAN:
-            g += tl.load(gm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if NEED_DX:
-            a = per_sample_value(sched_ptr, b, 0, 4, a, PER_SAMPLE)
-            tl.store(dx_ptr + offs, (a * g).to(dx_ptr.dtype.element_ty), mask=mask)
-        if NEED_DV:
-            k = per_sample_value(sched_ptr, b, 1, 4, k, PER_SAMPLE)
-            tl.store(dv_ptr + offs, (k * g).to(dv_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _logprob_partials_kernel(
@@ -120,14 +126,22 @@ if triton_available():
 
     @triton.jit
     def _policy_finalize_kernel(
-        part_ptr, part2_ptr, old_ptr, adv_ptr, sched_ptr, logp_ptr, c1_ptr, c2_ptr, loss_ptr, stats_ptr,
-        k, sd, kl_std, B, S, Df, Bf, clip_lo, clip_hi, clip_range, adv_clip, kl_coef, log_sqrt_2pi,
+        part_ptr, part2_ptr, old_ptr, adv_ptr, sched_ptr, params_ptr, logp_ptr, c1_ptr, c2_ptr, loss_ptr, stats_ptr,
+        B, S, D,
         KIND: tl.constexpr, PPO: tl.constexpr, HAS_REF: tl.constexpr, PER_SAMPLE: tl.constexpr,
         BLOCK_B: tl.constexpr, S_BLOCK: tl.constexpr,
     ):
         # One program, samples in a fixed order: logp_b from the partials; with PPO the ratio, the
         # clipped surrogate, the KL term, the statistics and the per-sample gradient coefficients
         # c1_b (of the residual) and c2_b (of k*(v - v_ref)); without PPO c1_b = dlogp_b/dres-scale.
+        # params: the PPOParams fields, then the scalar k, sd, kl_std (read when not PER_SAMPLE).
+        clip_lo = tl.load(params_ptr)
+        clip_hi = tl.load(params_ptr + 1)
+        clip_range = tl.load(params_ptr + 2)
+        adv_clip = tl.load(params_ptr + 3)
+        kl_coef = tl.load(params_ptr + 4)
+        Df = D.to(tl.float32)
+        Bf = B.to(tl.float32)
         cols = tl.arange(0, S_BLOCK)
         loss_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
         kl_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -145,14 +159,14 @@ if triton_available():
                 sdb = tl.load(sched_ptr + idx * 4 + 2, mask=m, other=1.0).to(tl.float32)
                 klb = tl.load(sched_ptr + idx * 4 + 3, mask=m, other=0.0).to(tl.float32)
             else:
-                kb = k
-                sdb = sd
-                klb = kl_std
+                kb = tl.load(params_ptr + 5)
+                sdb = tl.load(params_ptr + 6)
+                klb = tl.load(params_ptr + 7)
             if KIND == 0:
                 logp = -(sq / Df)
                 coef = 2.0 * kb / Df
             else:
-                logp = -((sq / (2.0 * sdb * sdb)) / Df) - tl.log(sdb) - log_sqrt_2pi
+                logp = -((sq / (2.0 * sdb * sdb)) / Df) - tl.log(sdb) - 0.9189385332046727  # log(sqrt(2*pi))
                 coef = kb / (sdb * sdb * Df)
             tl.store(logp_ptr + idx, logp, mask=m)
             if PPO:
@@ -215,27 +229,28 @@ def _use_torch(t: torch.Tensor, cd: torch.dtype) -> bool:
     return t.numel() == 0 or cd == torch.float64 or backend_for(t) == "torch"
 
 
-def _columns(sched: torch.Tensor | None, vals: list[float], cd: torch.dtype, column: bool):
-    """The four per-sample coefficients in ``cd``: ``[B, 1]`` columns (``column``) or ``[B]``, or floats."""
-    if sched is None:
-        return vals
-    return [sched[:, i].to(cd).unsqueeze(1) if column else sched[:, i].to(cd) for i in range(NCOL)]
+def _vector_columns(sched: torch.Tensor | None, vals: list[float], cd: torch.dtype) -> list:
+    """The table's columns as ``[B]`` tensors in ``cd`` (the finalize's per-sample scalars), or the floats."""
+    return list(vals) if sched is None else [sched[:, i].to(cd) for i in range(NCOL)]
 
 
 # ---------------------------------------------------------------------------------------------
-# cps_step
+# cps_step: launcher, custom op, autograd (backward: _shared.affine_grad)
 
 
-def _cps_step_impl(x, v, noise, sched, vals):
+def _cps_step_fwd(
+    x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor, sched: torch.Tensor | None, vals: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_next, mean) in x's dtype; ``sched``/``vals``: StepCoefficients."""
     shape = x.shape
     cd = C.compute_dtype(x, v, noise)
     x2, v2, n2 = C.flat(x), C.flat(v), C.flat(noise)
     B, D = x2.shape
     if _use_torch(x, cd):
-        a, k, c, _ = _columns(sched, vals, cd, True)
+        a, k, c = C.table_columns(sched, vals, cd)[:3]
         mean = x2 * a if x2.dtype == cd else x2.to(cd) * a
         C.add_scaled_(mean, v2, k)
-        xn = torch.addcmul(mean, n2, c) if isinstance(c, torch.Tensor) else torch.add(mean, n2, alpha=c)
+        xn = C.add_scaled(mean, n2, c)
         return xn.to(x.dtype).view(shape), mean.to(x.dtype).view(shape)
     xn = torch.empty((B, D), dtype=x.dtype, device=x.device)
     mean = torch.empty_like(xn)
@@ -245,38 +260,33 @@ def _cps_step_impl(x, v, noise, sched, vals):
     return xn.view(shape), mean.view(shape)
 
 
-def _cps_step_grad_impl(g_xn, g_mean, sched, vals, need_x, need_v, v_dtype):
-    like = g_xn if g_xn is not None else g_mean
-    shape = like.shape
-    none = like.new_empty(0)
-    if like.numel() == 0 or not (need_x or need_v):
-        return (torch.zeros_like(like) if need_x else none), (torch.zeros_like(like, dtype=v_dtype) if need_v else none)
-    cd = C.compute_dtype(g_xn, g_mean)
-    gx2 = C.flat(g_xn) if g_xn is not None else None
-    gm2 = C.flat(g_mean) if g_mean is not None else None
-    B, D = (gx2 if gx2 is not None else gm2).shape
-    if _use_torch(like, cd):
-        a, k, _, _ = _columns(sched, vals, cd, True)
-        g = gx2.to(cd) if gx2 is not None else None
-        g = gm2.to(cd) if g is None else (g + gm2 if gm2 is not None else g)
-        dx = (g * a).to(like.dtype).view(shape) if need_x else none
-        dv = (g * k).to(v_dtype).view(shape) if need_v else none
-        return dx, dv
-    dx = torch.empty((B, D), dtype=like.dtype, device=like.device) if need_x else none
-    dv = torch.empty((B, D), dtype=v_dtype, device=like.device) if need_v else none
-    first = gx2 if gx2 is not None else gm2
-    grid = (triton.cdiv(D, EW_BLOCK), B)
-    _cps_step_grad_kernel[grid](
-        first, gm2 if gm2 is not None else first, dx if need_x else first, dv if need_v else first,
-        sched if sched is not None else first, *vals[:2], D,
-        HAS_GXN=gx2 is not None, HAS_GMEAN=gm2 is not None, NEED_DX=need_x, NEED_DV=need_v,
-        PER_SAMPLE=sched is not None, BLOCK=EW_BLOCK, num_warps=NUM_WARPS,
-    )
-    return (dx.view(shape) if need_x else none), (dv.view(shape) if need_v else none)
+_cps_step_fwd_op = C.KernelOp("cps_step_fwd", _cps_step_fwd, lambda x, v, noise, sched, vals: (
+    torch.empty_like(x, memory_format=torch.contiguous_format),
+    torch.empty_like(x, memory_format=torch.contiguous_format)))
+
+
+class _CPSStep(torch.autograd.Function):
+    """x_next and mean share their Jacobians (a in x, k in v): backward is one affine map of their sum."""
+
+    @staticmethod
+    def forward(ctx, x, v, noise, sched, vals):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(sched)
+        ctx.vals, ctx.v_dtype = vals, v.dtype
+        return _cps_step_fwd_op(x, v, noise, sched, vals)
+
+    @staticmethod
+    def backward(ctx, g_xn, g_mean):
+        (sched,) = ctx.saved_tensors
+        need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if g_xn is None and g_mean is None:
+            return None, None, None, None, None
+        dx, dv = affine_grad(g_xn, g_mean, sched, ctx.vals, need_x, need_v, ctx.v_dtype)
+        return (dx if need_x else None), (dv if need_v else None), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
-# log-prob and PPO: pass 1 + finalize, and the one backward kernel
+# cps_logprob and ppo_clip_loss: one forward launcher (pass 1 + finalize), one backward launcher
 
 
 def _residual(x2, v2, xn2, a, k, cd):
@@ -335,8 +345,11 @@ def _finalize_torch(sq, sq2, D, kind, k, sd, kl_std, ppo, old, adv, clip_range, 
     return loss, logp, stats, c1, c2
 
 
-def _policy_forward_impl(x, v, x_next, v_ref, old_logp, advantages, sched, vals, kind, ppo, store,
-                         clip_range, adv_clip, kl_coef):
+def _policy_fwd(
+    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, v_ref: torch.Tensor | None,
+    old_logp: torch.Tensor | None, advantages: torch.Tensor | None, sched: torch.Tensor | None, vals: list[float],
+    kind: str, ppo: bool, store: bool, clip_range: float, adv_clip: float, kl_coef: float,
+) -> _PolicyOut:
     """(loss, logp [B], stats [3], res, res2, c1 [B], c2 [B]); res/res2 are stored only with ppo and store."""
     cd = C.compute_dtype(x, v, x_next, v_ref)
     x2, v2, xn2 = C.flat(x), C.flat(v), C.flat(x_next)
@@ -345,14 +358,14 @@ def _policy_forward_impl(x, v, x_next, v_ref, old_logp, advantages, sched, vals,
     empty = x2.new_empty(0, dtype=cd)
     keep = ppo and store
     if _use_torch(x, cd):
-        a, k, sd, kl_std = _columns(sched, vals, cd, True)
+        a, k = C.table_columns(sched, vals, cd)[:2]
         res = _residual(x2, v2, xn2, a, k, cd)
         sq = _row_sumsq(res)
         sq2 = res2 = None
         if has_ref:
             res2 = torch.sub(v2.to(cd), v_ref.reshape(B, D).to(cd)).mul_(k)  # mean - mean_ref
             sq2 = _row_sumsq(res2)
-        k1, sd1, kl1 = _columns(sched, vals, cd, False)[1:]
+        k1, sd1, kl1 = _vector_columns(sched, vals, cd)[1:]
         loss, logp, stats, c1, c2 = _finalize_torch(sq, sq2, D, kind, k1, sd1, kl1, ppo, old_logp, advantages,
                                                     clip_range, adv_clip, kl_coef)
         return (loss, logp, stats, res if keep else empty, res2 if (keep and has_ref) else empty.clone(), c1, c2)
@@ -375,17 +388,22 @@ def _policy_forward_impl(x, v, x_next, v_ref, old_logp, advantages, sched, vals,
     c2 = torch.empty(B, device=dev, dtype=torch.float32) if (ppo and has_ref) else x2.new_empty(0, dtype=cd)
     alloc = torch.empty if ppo else torch.zeros  # cps_logprob: loss and stats are unused zeros
     loss, stats = alloc((), device=dev, dtype=torch.float32), alloc(3, device=dev, dtype=torch.float32)
+    params = PPOParams(1.0 - clip_range, 1.0 + clip_range, clip_range, adv_clip, kl_coef)
+    params = C.to_device(torch.tensor([*params, *vals[1:]], dtype=torch.float32), dev)
     _policy_finalize_kernel[(1,)](
-        part, part2, old_logp if ppo else part, advantages if ppo else part, sched_ptr, logp, c1,
-        c2 if c2.numel() else c1, loss, stats, vals[1], vals[2], vals[3], B, S, float(D), float(B),
-        1.0 - clip_range, 1.0 + clip_range, clip_range, adv_clip, kl_coef, LOG_SQRT_2PI,
+        part, part2, old_logp if ppo else part, advantages if ppo else part, sched_ptr, params, logp, c1,
+        c2 if c2.numel() else c1, loss, stats, B, S, D,
         KIND=_KIND_CODE[kind], PPO=ppo, HAS_REF=has_ref, PER_SAMPLE=per_sample,
         BLOCK_B=FINAL_BLOCK_B, S_BLOCK=triton.next_power_of_2(S), num_warps=NUM_WARPS,
     )
     return loss, logp, stats, res, res2, c1, c2
 
 
-def _policy_grad_impl(res, res2, x, v, x_next, c1, c2, go, sched, vals, recompute, shape, v_dtype):
+def _policy_bwd(
+    res: torch.Tensor, res2: torch.Tensor, x: torch.Tensor | None, v: torch.Tensor | None,
+    x_next: torch.Tensor | None, c1: torch.Tensor, c2: torch.Tensor, go: torch.Tensor,
+    sched: torch.Tensor | None, vals: list[float], recompute: bool, shape: list[int], v_dtype: torch.dtype,
+) -> torch.Tensor:
     """dv = go_b * (c1_b * res + c2_b * res2) in ``v_dtype``; res recomputed from x, v, x_next if asked."""
     B = shape[0]
     like = x if recompute else res
@@ -396,7 +414,7 @@ def _policy_grad_impl(res, res2, x, v, x_next, c1, c2, go, sched, vals, recomput
     if _use_torch(like, cd):
         scale1 = (go.to(cd) * c1.to(cd)).reshape(-1, 1).expand(B, 1)
         if recompute:
-            a, k, _, _ = _columns(sched, vals, cd, True)
+            a, k = C.table_columns(sched, vals, cd)[:2]
             x2, v2, xn2 = C.flat(x), C.flat(v), C.flat(x_next)
             dv = _residual(x2, v2, xn2, a, k, cd).mul_(scale1)
         else:
@@ -422,91 +440,8 @@ def _policy_grad_impl(res, res2, x, v, x_next, c1, c2, go, sched, vals, recomput
     return dv.view(shape)
 
 
-# ---------------------------------------------------------------------------------------------
-# custom ops (torch.compile traces through them) and the eager autograd Functions
-
-_PolicyOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@torch.library.custom_op("rtdmd_kernels::cps_step", mutates_args=())
-def _cps_step_op(
-    x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor, sched: torch.Tensor | None, vals: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cps_step_impl(x, v, noise, sched, vals)
-
-
-@_cps_step_op.register_fake
-def _(x, v, noise, sched, vals):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-        x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("rtdmd_kernels::cps_step_grad", mutates_args=())
-def _cps_step_grad_op(
-    g_xn: torch.Tensor | None, g_mean: torch.Tensor | None, sched: torch.Tensor | None, vals: list[float],
-    need_x: bool, need_v: bool, v_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cps_step_grad_impl(g_xn, g_mean, sched, vals, need_x, need_v, v_dtype)
-
-
-@_cps_step_grad_op.register_fake
-def _(g_xn, g_mean, sched, vals, need_x, need_v, v_dtype):
-    like = g_xn if g_xn is not None else g_mean
-    return (torch.empty_like(like, memory_format=torch.contiguous_format) if need_x else like.new_empty(0),
-            torch.empty_like(like, dtype=v_dtype, memory_format=torch.contiguous_format) if need_v
-            else like.new_empty(0))
-
-
-def _cps_setup_context(ctx, inputs, output):
-    x, v, _noise, sched, vals = inputs
-    ctx.save_for_backward(sched)
-    ctx.vals, ctx.v_dtype = vals, v.dtype
-
-
-def _cps_grads(ctx, g_xn, g_mean, grad_fn):
-    """Backward of cps_step (eager Function and custom op alike): dx = a*g, dv = k*g, g = the sum of
-    the incoming gradients (x_next and mean share their Jacobians)."""
-    (sched,) = ctx.saved_tensors
-    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if g_xn is None and g_mean is None:
-        return None, None, None, None, None
-    dx, dv = grad_fn(g_xn, g_mean, sched, ctx.vals, need_x, need_v, ctx.v_dtype)
-    return (dx if need_x else None), (dv if need_v else None), None, None, None
-
-
-def _cps_backward(ctx, g_xn, g_mean):
-    return _cps_grads(ctx, g_xn, g_mean, _cps_step_grad_op)
-
-
-_cps_step_op.register_autograd(_cps_backward, setup_context=_cps_setup_context)
-
-
-class _CPSStepFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, v, noise, sched, vals):
-        xn, mean = _cps_step_impl(x, v, noise, sched, vals)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(sched)
-        ctx.vals, ctx.v_dtype = vals, v.dtype
-        return xn, mean
-
-    @staticmethod
-    def backward(ctx, g_xn, g_mean):
-        return _cps_grads(ctx, g_xn, g_mean, _cps_step_grad_impl)
-
-
-@torch.library.custom_op("rtdmd_kernels::policy_forward", mutates_args=())
-def _policy_forward_op(
-    x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, v_ref: torch.Tensor | None,
-    old_logp: torch.Tensor | None, advantages: torch.Tensor | None, sched: torch.Tensor | None,
-    vals: list[float], kind: str, ppo: bool, store: bool, clip_range: float, adv_clip: float, kl_coef: float,
-) -> _PolicyOut:
-    return _policy_forward_impl(x, v, x_next, v_ref, old_logp, advantages, sched, vals, kind, ppo, store,
-                                clip_range, adv_clip, kl_coef)
-
-
-@_policy_forward_op.register_fake
-def _(x, v, x_next, v_ref, old_logp, advantages, sched, vals, kind, ppo, store, clip_range, adv_clip, kl_coef):
+def _policy_fwd_fake(x, v, x_next, v_ref, old_logp, advantages, sched, vals, kind, ppo, store, clip_range, adv_clip,
+                     kl_coef):
     cd = C.compute_dtype(x, v, x_next, v_ref)
     B, D = x.shape[0], math.prod(x.shape[1:])
     keep = ppo and store
@@ -517,106 +452,65 @@ def _(x, v, x_next, v_ref, old_logp, advantages, sched, vals, kind, ppo, store, 
             x.new_empty(B, dtype=cd), c2)
 
 
-@torch.library.custom_op("rtdmd_kernels::policy_grad", mutates_args=())
-def _policy_grad_op(
-    res: torch.Tensor, res2: torch.Tensor, x: torch.Tensor | None, v: torch.Tensor | None,
-    x_next: torch.Tensor | None, c1: torch.Tensor, c2: torch.Tensor, go: torch.Tensor,
-    sched: torch.Tensor | None, vals: list[float], recompute: bool, shape: list[int], v_dtype: torch.dtype,
-) -> torch.Tensor:
-    return _policy_grad_impl(res, res2, x, v, x_next, c1, c2, go, sched, vals, recompute, shape, v_dtype)
+_policy_fwd_op = C.KernelOp("policy_fwd", _policy_fwd, _policy_fwd_fake)
+_policy_bwd_op = C.KernelOp(
+    "policy_bwd", _policy_bwd,
+    lambda res, res2, x, v, x_next, c1, c2, go, sched, vals, recompute, shape, v_dtype:
+    c1.new_empty(shape, dtype=v_dtype))
 
 
-@_policy_grad_op.register_fake
-def _(res, res2, x, v, x_next, c1, c2, go, sched, vals, recompute, shape, v_dtype):
-    return c1.new_empty(shape, dtype=v_dtype)
-
-
-def _policy_setup_context(ctx, inputs, output):
-    x, v, x_next, _v_ref, _old, _adv, sched, vals, _kind, ppo, store, *_ = inputs
-    _loss, logp, stats, res, res2, c1, c2 = output
-    ctx.mark_non_differentiable(stats, res, res2, c1, c2)
-    if ppo:
-        ctx.mark_non_differentiable(logp)
-        ctx.save_for_backward(res, res2, None, None, None, c1, c2, sched)
-    else:
-        ctx.save_for_backward(res, res2, x, v, x_next, c1, c2, sched)
-    ctx.ppo, ctx.store, ctx.vals, ctx.shape, ctx.v_dtype = ppo, store, vals, list(v.shape), v.dtype
-
-
-def _policy_backward(ctx, g_loss, g_logp, *_unused):
-    res, res2, x, v, x_next, c1, c2, sched = ctx.saved_tensors
-    if ctx.ppo and not ctx.store:
-        raise RuntimeError("rtdmd_kernels: the loss was computed with v.requires_grad=False or under no_grad")
-    go = g_loss if ctx.ppo else g_logp
-    dv = _policy_grad_op(res, res2, x, v, x_next, c1, c2, go, sched, ctx.vals, not ctx.ppo, ctx.shape, ctx.v_dtype)
-    return (None, dv) + (None,) * 12
-
-
-_policy_forward_op.register_autograd(_policy_backward, setup_context=_policy_setup_context)
-
-
-class _PolicyFunction(torch.autograd.Function):
-    """Eager autograd of cps_logprob (``ppo=False``: output logp, backward recomputes the residual)
-    and ppo_clip_loss (output loss; backward scales the residual written in the forward).
-    Under torch.compile the same impls run through the custom ops above instead."""
+class _LogProb(torch.autograd.Function):
+    """cps_logprob: output logp [B]; the backward recomputes the residual from x, v, x_next (nothing kept)."""
 
     @staticmethod
-    def forward(ctx, args, v):
-        x, x_next, v_ref, old, adv, sched, vals, kind, ppo, store, clip_range, adv_clip, kl_coef = args
-        loss, logp, stats, res, res2, c1, c2 = _policy_forward_impl(
-            x, v, x_next, v_ref, old, adv, sched, vals, kind, ppo, store, clip_range, adv_clip, kl_coef)
-        ctx.ppo, ctx.vals, ctx.shape, ctx.v_dtype = ppo, vals, list(v.shape), v.dtype
-        if ppo:
-            ctx.save_for_backward(res, res2, c1, c2, sched)
-            ctx.mark_non_differentiable(logp, stats)
-        else:
-            ctx.save_for_backward(res, res2, c1, c2, sched, x, v.detach(), x_next)
-            ctx.mark_non_differentiable(loss, stats)
+    def forward(ctx, x, v, x_next, sched, vals, kind):
+        _loss, logp, _stats, res, res2, c1, c2 = _policy_fwd_op(
+            x, v, x_next, None, None, None, sched, vals, kind, False, False, 0.0, 1.0, 0.0)
+        ctx.save_for_backward(res, res2, c1, c2, sched, x, v.detach(), x_next)
+        ctx.vals, ctx.shape, ctx.v_dtype = vals, list(v.shape), v.dtype
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_logp):
+        res, res2, c1, c2, sched, x, v, x_next = ctx.saved_tensors
+        dv = _policy_bwd_op(res, res2, x, v, x_next, c1, c2, g_logp, sched, ctx.vals, True, ctx.shape, ctx.v_dtype)
+        return None, dv, None, None, None, None
+
+
+class _PPOClipLoss(torch.autograd.Function):
+    """ppo_clip_loss: outputs (loss, logp, stats); the backward scales the residual(s) written in the forward."""
+
+    @staticmethod
+    def forward(ctx, x, v, x_next, v_ref, old_logp, advantages, sched, vals, kind, store, clip_range, adv_clip,
+                kl_coef):
+        loss, logp, stats, res, res2, c1, c2 = _policy_fwd_op(
+            x, v, x_next, v_ref, old_logp, advantages, sched, vals, kind, True, store, clip_range, adv_clip, kl_coef)
+        ctx.mark_non_differentiable(logp, stats)
+        ctx.save_for_backward(res, res2, c1, c2, sched)
+        ctx.vals, ctx.shape, ctx.v_dtype = vals, list(v.shape), v.dtype
         return loss, logp, stats
 
     @staticmethod
-    def backward(ctx, g_loss, g_logp, _g_stats):
-        if ctx.ppo:
-            res, res2, c1, c2, sched = ctx.saved_tensors
-            x = v = x_next = None
-            go = g_loss
-        else:
-            res, res2, c1, c2, sched, x, v, x_next = ctx.saved_tensors
-            go = g_logp
-        if ctx.ppo and res.numel() != math.prod(ctx.shape):
+    def backward(ctx, g_loss, _g_logp, _g_stats):
+        res, res2, c1, c2, sched = ctx.saved_tensors
+        if res.numel() != math.prod(ctx.shape):
             raise RuntimeError("rtdmd_kernels: the loss was computed with v.requires_grad=False or under no_grad")
-        dv = _policy_grad_impl(res, res2, x, v, x_next, c1, c2, go, sched, ctx.vals, not ctx.ppo,
-                               ctx.shape, ctx.v_dtype)
-        return None, dv
-
-
-def _policy_run(v, args):
-    """Dispatch to the custom op under torch.compile, else to the eager Function."""
-    if torch.compiler.is_compiling():
-        x, x_next, v_ref, old, adv, sched, vals, kind, ppo, store, clip_range, adv_clip, kl_coef = args
-        loss, logp, stats, *_ = _policy_forward_op(x, v, x_next, v_ref, old, adv, sched, vals, kind, ppo, store,
-                                                   clip_range, adv_clip, kl_coef)
-        return loss, logp, stats.detach()  # constants, as in eager (indexing them in the graph made them require grad)
-    return _PolicyFunction.apply(args, v)
+        dv = _policy_bwd_op(res, res2, None, None, None, c1, c2, g_loss, sched, ctx.vals, False, ctx.shape,
+                            ctx.v_dtype)
+        return (None, dv) + (None,) * 11
 
 
 # ---------------------------------------------------------------------------------------------
 # schedule coefficients and argument checks
 
 
-def _coefficients(kind, sigma, sigma_next, eta, sigma_max):
-    """Per-sample ``(a, k, c, kl_std)`` with ``mean = a*x + k*v``; ``c`` is the noise scale of the step
-    (cps: sigma_next*sin(eta*pi/2); sde: the Gaussian's sd = std*sqrt(-dt)); ``kl_std`` the std the
-    KL term divides by. Floats stay floats (math in double); tensors are computed in float64 and
+def _coefficients(kind, sigma, sigma_next, eta, sigma_max) -> StepCoefficients:
+    """The step's StepCoefficients. Floats stay floats (math in double); tensors are computed in float64 and
     returned in float32 (float64 if any schedule tensor is float64)."""
     (s, sn, et, sm), out_dtype = C.schedule_math((sigma, sigma_next, eta, sigma_max))
     tensors = out_dtype is not None
     if kind == "cps":
-        c_eta, s_eta = C.eta_cos_sin(et)
-        omc = 1.0 - c_eta
-        a = 1.0 - sn * omc  # (1 - sn) + sn*cos: exactly 1 at eta = 0
-        k = (sn - s) - sn * omc * (1.0 - s)  # -(1 - sn)*s + sn*cos*(1 - s): exactly sn - s at eta = 0
-        c = sn * s_eta
+        a, k, c = cps_coefficients(s, sn, *C.eta_cos_sin(et))
         kl_std = c
     else:
         dt = sn - s
@@ -637,8 +531,8 @@ def _coefficients(kind, sigma, sigma_next, eta, sigma_max):
                              f"(sigma={s}, sigma_next={sn}, sigma_max={sm}): {exc}") from None
         c, kl_std = sd, std
     if tensors:
-        return tuple(t.to(out_dtype).contiguous() for t in (a, k, c, kl_std))
-    return float(a), float(k), float(c), float(kl_std)
+        return StepCoefficients(*(t.to(out_dtype).contiguous() for t in (a, k, c, kl_std)))
+    return StepCoefficients(float(a), float(k), float(c), float(kl_std))
 
 
 def _schedule(kind, tensors, sigma, sigma_next, eta, sigma_max):
@@ -710,10 +604,7 @@ def cps_step(
     else:
         C.check_like("x", x, "noise", noise)
     sched, vals = _schedule("cps", (x, v, noise), sigma, sigma_next, eta, None)
-    noise = noise.detach()
-    if torch.compiler.is_compiling():
-        return _cps_step_op(x, v, noise, sched, vals)
-    return _CPSStepFunction.apply(x, v, noise, sched, vals)
+    return _CPSStep.apply(x, v, noise.detach(), sched, vals)
 
 
 def cps_logprob(
@@ -736,8 +627,7 @@ def cps_logprob(
     """
     _check_policy_inputs(x, v, x_next, kind)
     sched, vals = _schedule(kind, (x, v, x_next), sigma, sigma_next, eta, sigma_max)
-    args = (x.detach(), x_next.detach(), None, None, None, sched, vals, kind, False, False, 0.0, 1.0, 0.0)
-    return _policy_run(v, args)[1]
+    return _LogProb.apply(x.detach(), v, x_next.detach(), sched, vals, kind)
 
 
 def ppo_clip_loss(
@@ -778,9 +668,8 @@ def ppo_clip_loss(
         v_ref = v_ref.detach() if kl_coef > 0 else None
     sched, vals = _schedule(kind, (x, v, x_next), sigma, sigma_next, eta, sigma_max)
     store = torch.is_grad_enabled() and v.requires_grad
-    args = (x.detach(), x_next.detach(), v_ref, old_logp, advantages, sched, vals, kind, True, store,
-            clip_range, adv_clip, kl_coef)
-    loss, logp, stats = _policy_run(v, args)
+    loss, logp, stats = _PPOClipLoss.apply(x.detach(), v, x_next.detach(), v_ref, old_logp, advantages, sched, vals,
+                                           kind, store, clip_range, adv_clip, kl_coef)
     if return_stats:
         return loss, {"ratio_mean": stats[0], "clip_fraction": stats[1], "approx_kl": stats[2], "logp": logp}
     return loss

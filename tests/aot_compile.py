@@ -12,7 +12,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 
-from rtdmd_kernels import advantage, dmd, fake_score, policy
+from rtdmd_kernels import _shared, advantage, dmd, fake_score, policy
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -40,8 +40,6 @@ def _dmd_specs():
             yield (f"grad {dtype} ac={ac} norm={norm} store={store}", dmd._grad_kernel,
                    *_sig(args, {"AC": ac, "HAS_UNCOND": ac, "PER_SAMPLE": ac, "NORM": norm, "S_BLOCK": 64,
                                 "STORE_G": store, "BLOCK": dmd.BLOCK}))
-        yield (f"scale_grad {dtype}", dmd._scale_grad_kernel,
-               *_sig({"g_ptr": p, "go_ptr": "*fp32", "dx_ptr": p, "numel": "i64"}, {"BLOCK": dmd.SCALE_BLOCK}))
     yield ("finalize", dmd._finalize_kernel,
            *_sig({"sq_ptr": "*fp32", "n_part": "i32", "loss_ptr": "*fp32", "gnorm_ptr": "*fp32", "numel": "i64"},
                  {"BLOCK": dmd.FINAL_BLOCK}))
@@ -56,13 +54,6 @@ def _policy_specs():
                     "sched_ptr": "*fp32", "a": "fp32", "k": "fp32", "c": "fp32", "D": "i64"}
             yield (f"cps_step x={x_dt} v={v_dt} per_sample={per_sample}", P._cps_step_kernel,
                    *_sig(args, {"PER_SAMPLE": per_sample, "BLOCK": P.EW_BLOCK}))
-            args = {"gxn_ptr": px, "gm_ptr": px, "dx_ptr": px, "dv_ptr": pv, "sched_ptr": "*fp32",
-                    "a": "fp32", "k": "fp32", "D": "i64"}
-            for has_gxn, has_gm in ((True, False), (True, True), (False, True)):
-                yield (f"cps_step_grad x={x_dt} v={v_dt} per_sample={per_sample} gxn={has_gxn} gmean={has_gm}",
-                       P._cps_step_grad_kernel,
-                       *_sig(args, {"HAS_GXN": has_gxn, "HAS_GMEAN": has_gm, "NEED_DX": True, "NEED_DV": True,
-                                    "PER_SAMPLE": per_sample, "BLOCK": P.EW_BLOCK}))
             for has_ref, store in ((False, False), (False, True), (True, True)):
                 args = {"x_ptr": px, "v_ptr": pv, "xn_ptr": px, "vref_ptr": pv, "res_ptr": "*fp32",
                         "res2_ptr": "*fp32", "part_ptr": "*fp32", "part2_ptr": "*fp32", "sched_ptr": "*fp32",
@@ -83,10 +74,8 @@ def _policy_specs():
         for ppo, has_ref, per_sample in ((False, False, False), (True, False, True), (True, True, False),
                                          (True, True, True)):
             args = {"part_ptr": "*fp32", "part2_ptr": "*fp32", "old_ptr": "*bf16", "adv_ptr": "*fp32",
-                    "sched_ptr": "*fp32", "logp_ptr": "*fp32", "c1_ptr": "*fp32", "c2_ptr": "*fp32",
-                    "loss_ptr": "*fp32", "stats_ptr": "*fp32", "k": "fp32", "sd": "fp32", "kl_std": "fp32",
-                    "B": "i32", "S": "i32", "Df": "fp32", "Bf": "fp32", "clip_lo": "fp32", "clip_hi": "fp32",
-                    "clip_range": "fp32", "adv_clip": "fp32", "kl_coef": "fp32", "log_sqrt_2pi": "fp32"}
+                    "sched_ptr": "*fp32", "params_ptr": "*fp32", "logp_ptr": "*fp32", "c1_ptr": "*fp32",
+                    "c2_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "B": "i32", "S": "i32", "D": "i64"}
             yield (f"policy_finalize kind={kind} ppo={ppo} ref={has_ref} per_sample={per_sample}",
                    P._policy_finalize_kernel,
                    *_sig(args, {"KIND": kind, "PPO": ppo, "HAS_REF": has_ref, "PER_SAMPLE": per_sample,
@@ -160,8 +149,25 @@ def _fake_score_specs():
         yield (f"mean_finalize nan_to_num={nan_to_num}", F._mean_finalize_kernel,
                *_sig(args, {"NAN_TO_NUM": nan_to_num, "BLOCK": F.FINAL_BLOCK}))
 
-COMPILE_CASES = list(_dmd_specs()) + list(_policy_specs()) + list(_advantage_specs()) + list(_fake_score_specs())
-KERNEL_MODULES = [dmd, policy, advantage, fake_score]
+def _shared_specs():
+    S = _shared
+    for x_dt, v_dt in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"), ("fp16", "fp16")):
+        px, pv = f"*{x_dt}", f"*{v_dt}"
+        yield (f"scale_grad {x_dt}", S._scale_grad_kernel,
+               *_sig({"g_ptr": px, "go_ptr": "*fp32", "dx_ptr": px, "numel": "i64"}, {"BLOCK": S.SCALE_BLOCK}))
+        args = {"g1_ptr": px, "g2_ptr": px, "dx_ptr": px, "dv_ptr": pv, "sched_ptr": "*fp32",
+                "a": "fp32", "k": "fp32", "D": "i64"}
+        for per_sample in (False, True):
+            for has_g1, has_g2 in ((True, False), (True, True), (False, True)):
+                yield (f"affine_grad x={x_dt} v={v_dt} per_sample={per_sample} g1={has_g1} g2={has_g2}",
+                       S._affine_grad_kernel,
+                       *_sig(args, {"HAS_G1": has_g1, "HAS_G2": has_g2, "NEED_DX": True, "NEED_DV": True,
+                                    "PER_SAMPLE": per_sample, "BLOCK": S.EW_BLOCK}))
+
+
+COMPILE_CASES = (list(_dmd_specs()) + list(_policy_specs()) + list(_advantage_specs()) + list(_fake_score_specs())
+                 + list(_shared_specs()))
+KERNEL_MODULES = [dmd, policy, advantage, fake_score, _shared]
 
 
 def covered_kernels() -> set[str]:
