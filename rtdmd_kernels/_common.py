@@ -134,6 +134,11 @@ def add_scaled(t: torch.Tensor, other: torch.Tensor, coef: Scalar) -> torch.Tens
     return torch.addcmul(t, other, coef) if isinstance(coef, torch.Tensor) else torch.add(t, other, alpha=coef)
 
 
+def sub_upcast(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a - b in the compute dtype (upcast first, so low-precision inputs are not rounded)."""
+    return torch.sub(a.to(cd), b.to(cd), out=out)
+
+
 def chunking(D: int, block: int, max_chunks: int) -> tuple[int, int]:
     """(CHUNK, S) of a per-sample reduction: each sample is split into S <= max_chunks chunks of CHUNK
     elements (a multiple of ``block``)."""
@@ -186,6 +191,22 @@ class KernelOp:
         if torch.compiler.is_compiling():
             return self.op(*args)
         return self.launcher(*args)
+
+
+def saved_tensors_used_once() -> bool:
+    """True in an eager backward whose graph is freed once it has run (``retain_graph`` and ``create_graph``
+    False): the tensors a Function saved are read for the last time, so a gradient may be written into their
+    memory instead of a fresh allocation (torch's AOT autograd asks the same question to donate its saved
+    buffers). False while torch.compile traces, outside a backward, and where torch cannot tell."""
+    if torch.compiler.is_compiling():
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None:
+        return False
+    try:
+        return not keep_graph()
+    except RuntimeError:  # no graph task (the backward called by hand)
+        return False
 
 
 def kernel_op(name: str, fake):

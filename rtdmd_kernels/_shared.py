@@ -1,7 +1,8 @@
 """Pieces more than one op is made of: the gradient-scale backward, the affine backward and the CPS transition.
 
   scale_grad     dx = grad_out * g / N for a gradient g made in the forward: the backward of dmd_loss,
-                 ac_dmd_loss and fake_score_loss. Reads g, writes dx (4 R + 4 W per element in fp32).
+                 ac_dmd_loss and fake_score_loss. Reads g, writes dx (4 R + 4 W per element in fp32); written
+                 over g when the backward is its last use (scale_saved_grad).
   affine_grad    dx = a*g, dv = k*g with g the sum of up to two incoming gradients and (a, k) per sample:
                  the backward of every map ``a*x + k*v (+ c*noise)`` (cps_step, renoise).
   cps_coefficients / cps_transition
@@ -19,7 +20,7 @@ import torch
 from . import _common as C
 from ._backend import backend_for, triton_available
 
-__all__ = ["scale_grad", "affine_grad", "cps_coefficients"]
+__all__ = ["scale_grad", "scale_saved_grad", "affine_grad", "cps_coefficients"]
 
 SCALE_BLOCK = 4096  # elements per program of the gradient-scale kernel
 EW_BLOCK = 2048  # elements per program of the affine backward
@@ -85,22 +86,36 @@ def cps_coefficients(sigma: C.Scalar, sigma_next: C.Scalar, cos_eta: C.Scalar, s
 # gradient-scale backward
 
 
-def _scale_grad(g: torch.Tensor, grad_loss: torch.Tensor, numel: int) -> torch.Tensor:
-    """dL/dx = grad_out * g / N in g's dtype (g holds x's dtype)."""
-    if g.numel() == 0:
-        return torch.zeros_like(g)
+def _scale_grad_into(g: torch.Tensor, grad_loss: torch.Tensor, numel: int, dx: torch.Tensor) -> torch.Tensor:
+    """dx = grad_out * g / N in g's dtype (g holds x's dtype); ``dx`` may be ``g`` itself."""
     if backend_for(g) == "torch":
         scale = grad_loss.to(torch.float64 if g.dtype == torch.float64 else torch.float32) / numel
         if g.dtype in (torch.float32, torch.float64):
-            return g * scale
-        return (g.float() * scale).to(g.dtype)  # keep the scale out of fp16's subnormal range
-    dx = torch.empty_like(g)
+            return torch.mul(g, scale, out=dx)
+        return dx.copy_(g.float() * scale)  # keep the scale out of fp16's subnormal range
     grid = (triton.cdiv(g.numel(), SCALE_BLOCK),)
     _scale_grad_kernel[grid](g, grad_loss.reshape(1), dx, numel, BLOCK=SCALE_BLOCK, num_warps=8)
     return dx
 
 
+def _scale_grad(g: torch.Tensor, grad_loss: torch.Tensor, numel: int) -> torch.Tensor:
+    """dL/dx = grad_out * g / N in g's dtype, in a new tensor."""
+    if g.numel() == 0:
+        return torch.zeros_like(g)
+    return _scale_grad_into(g, grad_loss, numel, torch.empty_like(g))
+
+
 scale_grad = C.KernelOp("scale_grad", _scale_grad, lambda g, grad_loss, numel: torch.empty_like(g))
+
+
+def scale_saved_grad(g: torch.Tensor, grad_loss: torch.Tensor, numel: int) -> torch.Tensor:
+    """``scale_grad`` of a g that only the calling backward holds (saved by its forward, never returned): when
+    this backward is its last use (``C.saved_tensors_used_once``) dx is written over g, saving the allocation
+    of a gradient-sized tensor (on CPU a fresh one page-faults on first touch and costs more than the
+    multiply). Not on the torch path in float16/bfloat16, whose multiply goes through a float32 copy anyway."""
+    in_place = g.numel() > 0 and C.saved_tensors_used_once() and (
+        g.dtype in (torch.float32, torch.float64) or backend_for(g) != "torch")
+    return _scale_grad_into(g, grad_loss, numel, g) if in_place else scale_grad(g, grad_loss, numel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from . import _common as C
 from ._backend import backend_for, triton_available
-from ._shared import cps_coefficients, scale_grad
+from ._shared import cps_coefficients, scale_saved_grad
 
 __all__ = ["dmd_loss", "ac_dmd_loss"]
 
@@ -209,11 +209,6 @@ def _torch_tail(abs_sum, diff, normalize, eps, store_grad, out_dtype):
     return loss, g_out, n, total.sqrt()
 
 
-def _sub(a: torch.Tensor, b: torch.Tensor, cd: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a - b in the compute dtype (upcast first, so low-precision inputs are not rounded)."""
-    return torch.sub(a.to(cd), b.to(cd), out=out)
-
-
 def _empty_forward(x, cd, normalize, eps):
     """N == 0 (empty batch or no elements per sample): loss 0, no gradient to make."""
     B = x.shape[0]
@@ -251,9 +246,9 @@ def _dmd_fwd(
     if backend_for(x) == "torch" or cd == torch.float64:
         abs_sum, buf = None, None
         if normalize != "none":
-            buf = _sub(x2, r2, cd)
+            buf = C.sub_upcast(x2, r2, cd)
             abs_sum = buf.abs_().sum(dim=1)
-        diff = _sub(f2, r2, cd, out=buf)  # reuses the residual's memory
+        diff = C.sub_upcast(f2, r2, cd, out=buf)  # reuses the residual's memory
         loss, g, n, gn = _torch_tail(abs_sum, diff, normalize, eps, store_grad, x.dtype)
     else:
         loss, g, n, gn = _triton_forward(
@@ -324,7 +319,7 @@ def _scaled(ctx, grad_loss):
     (g,) = ctx.saved_tensors
     if g.numel() != ctx.numel:  # forward ran without grad enabled for x
         raise RuntimeError("rtdmd_kernels: the loss was computed with x.requires_grad=False or under no_grad")
-    return scale_grad(g, grad_loss, ctx.numel)
+    return scale_saved_grad(g, grad_loss, ctx.numel)
 
 
 class _DMDLoss(torch.autograd.Function):

@@ -30,7 +30,7 @@ import torch
 
 from . import _common as C
 from ._backend import backend_for, triton_available
-from ._shared import affine_grad, scale_grad
+from ._shared import affine_grad, scale_saved_grad
 
 __all__ = ["renoise", "fake_score_loss", "consistency_loss"]
 
@@ -251,12 +251,15 @@ def _fake_score_fwd(
     B, D = v2.shape
     if _use_torch(v_hat, cd):
         scale, cx, beta, w = C.table_columns(sched, vals, cd)
-        r = v2.to(cd) * scale
-        C.add_scaled_(C.add_scaled_(r, x2.to(cd), cx), n2.to(cd), -beta)
-        wsq = torch.linalg.vector_norm(r, dim=1).square().mul_(w.reshape(-1) if isinstance(w, torch.Tensor) else w)
-        loss = wsq.sum() / N
-        h = (r.mul_(2.0 * w * scale).to(v_hat.dtype).view(v_hat.shape) if store else v_hat.new_empty(0))
-        return loss, h
+        # With a gradient, h = hw*r is formed directly (hw folded into the three coefficients: one pass fewer
+        # than r then h) and sum(w*r^2) = sum(h^2) * w/hw^2 = sum(h^2) / (4*w*scale^2), hw = 2*w*scale > 0.
+        hw = 2.0 * w * scale if store else 1.0
+        r = v2.to(cd) * (hw * scale)
+        C.add_scaled_(C.add_scaled_(r, x2.to(cd), hw * cx), n2.to(cd), -(hw * beta))
+        row_w = 1.0 / (2.0 * hw * scale) if store else w  # w/hw^2
+        sq = torch.linalg.vector_norm(r, dim=1).square_()
+        loss = (sq.mul_(row_w.reshape(-1)) if isinstance(row_w, torch.Tensor) else sq.mul_(row_w)).sum() / N
+        return loss, (r.to(v_hat.dtype).view(v_hat.shape) if store else v_hat.new_empty(0))
     chunk, S = C.chunking(D, BLOCK, MAX_CHUNKS)
     part = torch.empty(B * S, device=v_hat.device, dtype=torch.float32)
     h = torch.empty((B, D), dtype=v_hat.dtype, device=v_hat.device) if store else v_hat.new_empty(0)
@@ -289,7 +292,7 @@ class _FakeScoreLoss(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         if h.numel() != ctx.numel:
             raise RuntimeError("rtdmd_kernels: the loss was computed with v_hat.requires_grad=False or under no_grad")
-        return scale_grad(h, grad_loss, ctx.numel), None, None, None, None, None
+        return scale_saved_grad(h, grad_loss, ctx.numel), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,9 +315,11 @@ def _consistency_fwd(
     if _use_torch(v_hat, cd):
         st, sp = C.table_columns(sched, vals, cd)
         xt, vh, a1, b1, a2, b2 = t2
-        h0 = C.add_scaled(xt.to(cd), vh.to(cd), -st)  # out of place: never writes into an input
-        d1 = C.add_scaled(a1.to(cd), b1.to(cd), -sp).sub_(h0)
-        d2 = C.add_scaled(a2.to(cd), b2.to(cd), -sp).sub_(h0)
+        # d_i = (x_i - x_t) + st*v_hat - sp*v_i, into two new tensors (no h0: one fewer allocation, which on
+        # CPU costs more than the extra pass)
+        xt, vh = xt.to(cd), vh.to(cd)
+        d1 = C.add_scaled_(C.add_scaled_(C.sub_upcast(a1, xt, cd), vh, st), b1.to(cd), -sp)
+        d2 = C.add_scaled_(C.add_scaled_(C.sub_upcast(a2, xt, cd), vh, st), b2.to(cd), -sp)
         mean = torch.dot(d1.view(-1), d2.view(-1)) / N
         ok = torch.isfinite(mean).to(cd)
         return torch.nan_to_num(mean), ok, (d1 if store else empty), (d2 if store else empty.clone())
@@ -333,10 +338,13 @@ def _consistency_fwd(
 def _consistency_bwd(
     d1: torch.Tensor, d2: torch.Tensor, ok: torch.Tensor, go: torch.Tensor, sched: torch.Tensor | None,
     vals: list[float], shape: list[int], needs: list[bool], dt_vh: torch.dtype, dt_v1: torch.dtype,
-    dt_v2: torch.dtype,
+    dt_v2: torch.dtype, donate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dv_hat, dv1, dv2) in their inputs' dtypes (an empty tensor where not needed)."""
+    """(dv_hat, dv1, dv2) in their inputs' dtypes (an empty tensor where not needed). ``donate``: d1 and d2
+    are read for the last time, so dv2 and dv1 may be written over them where the dtypes agree."""
     dtypes = (dt_vh, dt_v1, dt_v2)
+    over_d2 = donate and needs[1] and dt_v1 == d2.dtype  # dv1 = -c*sp*d2 written over d2
+    over_d1 = donate and needs[2] and dt_v2 == d1.dtype  # dv2 = -c*sp*d1 written over d1
     need_vh, need_v1, need_v2 = needs
     none = d1.new_empty(0)
     if math.prod(shape) == 0:
@@ -355,9 +363,10 @@ def _consistency_bwd(
                          for n, dt in zip(needs, dtypes, strict=True))
         bad = None if on_cpu else ok == 0
         outs = []
+        # dv_hat first: it reads both residuals before they may be overwritten
         for need, dt, expr in ((need_vh, dtypes[0], lambda: torch.add(d1, d2).mul_(st * c)),
-                               (need_v1, dtypes[1], lambda: d2 * (sp * -c)),
-                               (need_v2, dtypes[2], lambda: d1 * (sp * -c))):
+                               (need_v1, dtypes[1], lambda: torch.mul(d2, sp * -c, out=d2 if over_d2 else None)),
+                               (need_v2, dtypes[2], lambda: torch.mul(d1, sp * -c, out=d1 if over_d1 else None))):
             if need:
                 g = expr() if bad is None else expr().masked_fill_(bad, 0.0)
                 outs.append(g.to(dt).view(shape))
@@ -365,6 +374,10 @@ def _consistency_bwd(
                 outs.append(none)
         return tuple(outs)
     outs = [torch.empty((B, D), dtype=dt, device=d1.device) if n else none for n, dt in zip(needs, dtypes, strict=True)]
+    if over_d2:
+        outs[1] = d2  # each program loads its d1, d2 before it stores: in place is safe
+    if over_d1:
+        outs[2] = d1
     ptrs = [o if n else d1 for o, n in zip(outs, needs, strict=True)]
     grid = (triton.cdiv(D, EW_BLOCK), B)
     _consistency_grad_kernel[grid](
@@ -383,7 +396,7 @@ def _consistency_fwd_fake(x_t, v_hat, x1, v1, x2, v2, sched, vals, store):
     return v_hat.new_empty((), dtype=cd), v_hat.new_empty((), dtype=cd), *d
 
 
-def _consistency_bwd_fake(d1, d2, ok, go, sched, vals, shape, needs, dt_vh, dt_v1, dt_v2):
+def _consistency_bwd_fake(d1, d2, ok, go, sched, vals, shape, needs, dt_vh, dt_v1, dt_v2, donate):
     return tuple(d1.new_empty(shape, dtype=dt) if n else d1.new_empty(0)
                  for n, dt in zip(needs, (dt_vh, dt_v1, dt_v2), strict=True))
 
@@ -407,7 +420,8 @@ class _ConsistencyLoss(torch.autograd.Function):
         if math.prod(ctx.shape) and d1.numel() == 0:
             raise RuntimeError("rtdmd_kernels: the consistency loss was computed under no_grad")
         needs = [bool(ctx.needs_input_grad[i]) for i in (1, 3, 5)]
-        dvh, dv1, dv2 = _consistency_bwd_op(d1, d2, ok, grad_loss, sched, ctx.vals, ctx.shape, needs, *ctx.dtypes)
+        dvh, dv1, dv2 = _consistency_bwd_op(d1, d2, ok, grad_loss, sched, ctx.vals, ctx.shape, needs, *ctx.dtypes,
+                                            C.saved_tensors_used_once())
         return (None, dvh if needs[0] else None, None, dv1 if needs[1] else None, None, dv2 if needs[2] else None,
                 None, None, None)
 
@@ -417,29 +431,32 @@ class _ConsistencyLoss(torch.autograd.Function):
 
 
 def _sub_interval(sigma_s, sigma_t, exact: bool) -> SubInterval:
-    """The SubInterval of docs/method.md §4.1.3-4, from floats (math in
-    double, returned as floats) or ``[B]`` tensors (float64 math, returned in float32, float64 when
-    ``exact`` or a sigma is float64)."""
+    """The SubInterval of docs/method.md §4.1.3-4, from floats (math in double, returned as floats) or ``[B]``
+    tensors (float64 math, returned in float32, float64 when ``exact`` or a sigma is float64); the same
+    expressions either way."""
     (ss, st), out = C.schedule_math((sigma_s, sigma_t))
     if out is None:
         if sigma_s == 1.0:
             raise ValueError("sigma_s must be < 1 (the renoise kernel divides by 1 - sigma_s)")
-        a = (1.0 - sigma_t) / (1.0 - sigma_s)
-        sts = math.sqrt(max(sigma_t**2 - a**2 * sigma_s**2, VAR_FLOOR))
-        beta = sigma_t + (1.0 - sigma_t) * sigma_s**2 / (1.0 - sigma_s) ** 2
-        return SubInterval(a, sts, sts / (1.0 - sigma_s), beta)
+        oms = 1.0 - sigma_s
+        a = (1.0 - sigma_t) / oms
+        sts = math.sqrt(max(sigma_t * sigma_t - (a * sigma_s) ** 2, VAR_FLOOR))
+        beta = sigma_t + (1.0 - sigma_t) * (sigma_s / oms) ** 2
+        return SubInterval(a, sts, sts / oms, beta)
     out = torch.float64 if exact else out
-    a = (1.0 - st) / (1.0 - ss)
-    sts = torch.sqrt(torch.clamp(st**2 - a**2 * ss**2, min=VAR_FLOOR))
-    beta = st + (1.0 - st) * ss**2 / (1.0 - ss) ** 2
-    return SubInterval(*(t.to(out).contiguous() for t in (a, sts, sts / (1.0 - ss), beta)))
+    # the float expressions above as few [B] ops as possible (each costs more than its arithmetic)
+    oms, omt = torch.rsub(ss, 1.0), torch.rsub(st, 1.0)
+    a = omt / oms
+    sts = torch.mul(st, st).sub_(torch.mul(a, ss).square_()).clamp_(min=VAR_FLOOR).sqrt_()
+    beta = torch.div(ss, oms).square_().mul_(omt).add_(st)
+    return SubInterval(*torch.stack((a, sts, sts / oms, beta)).to(out))
 
 
 def _weight(scale, weight_max: float):
     """w = nan_to_num(clamp(1/max(scale^2, 1e-12), 0, weight_max), nan->0, +inf->weight_max, -inf->0)."""
     if isinstance(scale, torch.Tensor):
-        w = torch.clamp(1.0 / torch.clamp(scale.double() ** 2, min=VAR_FLOOR), 0.0, weight_max)
-        return torch.nan_to_num(w, nan=0.0, posinf=weight_max, neginf=0.0).to(scale.dtype)
+        w = torch.clamp(torch.square(scale.double()).clamp_(min=VAR_FLOOR).reciprocal_(), 0.0, weight_max)
+        return torch.nan_to_num_(w, nan=0.0, posinf=weight_max, neginf=0.0).to(scale.dtype)
     w = min(max(1.0 / max(scale**2, VAR_FLOOR), 0.0), weight_max)
     return 0.0 if math.isnan(w) else w
 
