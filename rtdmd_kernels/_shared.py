@@ -30,7 +30,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from ._triton_utils import per_sample_value, sample_block
+    from ._triton_utils import per_sample_value, sample_block, to_element
 
     @triton.jit
     def cps_transition(sigma, sigma_next, cos_eta, sin_eta):
@@ -49,7 +49,7 @@ if triton_available():
         mask = offs < numel
         scale = tl.load(go_ptr).to(tl.float32) / numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, (g * scale).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs, to_element(g * scale, dx_ptr), mask=mask)
 
     @triton.jit
     def _affine_grad_kernel(
@@ -66,10 +66,10 @@ if triton_available():
             g += tl.load(g2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if NEED_DX:
             a = per_sample_value(sched_ptr, b, 0, 4, a, PER_SAMPLE)
-            tl.store(dx_ptr + offs, (a * g).to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + offs, to_element(a * g, dx_ptr), mask=mask)
         if NEED_DV:
             k = per_sample_value(sched_ptr, b, 1, 4, k, PER_SAMPLE)
-            tl.store(dv_ptr + offs, (k * g).to(dv_ptr.dtype.element_ty), mask=mask)
+            tl.store(dv_ptr + offs, to_element(k * g, dv_ptr), mask=mask)
 
 
 def cps_coefficients(sigma: C.Scalar, sigma_next: C.Scalar, cos_eta: C.Scalar, sin_eta: C.Scalar):

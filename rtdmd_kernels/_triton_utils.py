@@ -47,3 +47,14 @@ if triton_available():
     def stream_f32(ptr, offs, mask):
         # A streamed (read-once) load, upcast to fp32 right away.
         return tl.load(ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+
+    @triton.jit
+    def to_element(x, ptr):
+        # fp32 x in ptr's element type, rounded to nearest even as the GPU's conversion and torch do. The CPU
+        # interpreter's float32 -> bfloat16 conversion truncates instead, so bfloat16 is rounded here by hand
+        # (the conversion after it is exact); NaN passes unchanged (its bits must not carry into the sign).
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        return x.to(ptr.dtype.element_ty)

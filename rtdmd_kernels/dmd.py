@@ -12,8 +12,9 @@ directly (the reference's (x - x_real) - (x - x_fake) is the same up to rounding
 no read of x); for AC-DMD the two CPS transitions share their noise, so
 xs_fake - xs_real = k(sigma_s, sigma_t, eta) * (v_fake - v_teacher) and pass B never reads x_t or the
 noise. Neither xs_real nor xs_fake is ever materialised. The gradient dL/dx = grad_out * g / N is
-made in the forward; backward only scales it (``_shared.scale_grad``). Partial sums are per (sample, chunk) and reduced in a
-fixed order, so results are deterministic and do not depend on the launch grid's scheduling.
+made in the forward; backward only scales it (``_shared.scale_saved_grad``). Partial sums are per
+(sample, chunk) and reduced in a fixed order, so results are deterministic and do not depend on the
+launch grid's scheduling.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ if triton_available():
     import triton.language as tl
 
     from ._shared import cps_transition
-    from ._triton_utils import chunk_coords, chunk_offsets, chunk_program, per_sample_value, stream_f32
+    from ._triton_utils import chunk_coords, chunk_offsets, chunk_program, per_sample_value, stream_f32, to_element
 
     @triton.jit
     def _transition(sched_ptr, b, s_s, s_t, gs, c_eta, s_eta, PER_SAMPLE: tl.constexpr):
@@ -127,7 +128,7 @@ if triton_available():
             g = tl.minimum(tl.maximum(g, -gmax), gmax)
             g = tl.where(mask, g, 0.0)
             if STORE_G:
-                tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_ptr + offs, to_element(g, g_ptr), mask=mask)
             acc += g * g
         tl.store(sq_ptr + pid, tl.sum(acc, axis=0))
         if start == 0:  # one program per sample records its normalizer

@@ -44,7 +44,8 @@ VAR_FLOOR = 1e-12  # the reference's floor of sigma_ts^2 and of scale^2
 
 class SubInterval(NamedTuple):
     """Per-sample coefficients of the renoise from sigma_s to sigma_t (docs/method.md §4.1.3-4):
-    ``x_t = a*x_s + sigma_ts*noise``; the fake-score target is ``-cx*x_s + beta*noise``, ``cx = sigma_ts/(1-sigma_s)``."""
+    ``x_t = a*x_s + sigma_ts*noise``; the fake-score target is ``-cx*x_s + beta*noise``,
+    ``cx = sigma_ts/(1-sigma_s)``."""
 
     a: C.Scalar
     sigma_ts: C.Scalar
@@ -71,7 +72,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from ._triton_utils import chunk_offsets, chunk_program, per_sample_value, sample_block, stream_f32
+    from ._triton_utils import chunk_offsets, chunk_program, per_sample_value, sample_block, stream_f32, to_element
 
     @triton.jit
     def _renoise_kernel(x_ptr, n_ptr, out_ptr, sched_ptr, a, k, D, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
@@ -81,7 +82,7 @@ if triton_available():
         k = per_sample_value(sched_ptr, b, 1, 4, k, PER_SAMPLE)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         nz = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (a * x + k * nz).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, to_element(a * x + k * nz, out_ptr), mask=mask)
 
     @triton.jit
     def _fake_score_partials_kernel(
@@ -106,7 +107,7 @@ if triton_available():
             r = scale * v + cx * x - beta * nz
             acc += r * r
             if STORE:
-                tl.store(h_ptr + offs, (hw * r).to(h_ptr.dtype.element_ty), mask=mask)
+                tl.store(h_ptr + offs, to_element(hw * r, h_ptr), mask=mask)
         tl.store(part_ptr + pid, w * tl.sum(acc, axis=0))
 
     @triton.jit
@@ -168,13 +169,13 @@ if triton_available():
         d2 = tl.load(d2_ptr + offs, mask=mask, other=0.0)
         if NEED_VH:
             cst = c * per_sample_value(sched_ptr, b, 0, 2, st, PER_SAMPLE)
-            tl.store(dvh_ptr + offs, tl.where(ok, cst * (d1 + d2), 0.0).to(dvh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dvh_ptr + offs, to_element(tl.where(ok, cst * (d1 + d2), 0.0), dvh_ptr), mask=mask)
         if NEED_V1 or NEED_V2:
             csp = -c * per_sample_value(sched_ptr, b, 1, 2, sp, PER_SAMPLE)
             if NEED_V1:
-                tl.store(dv1_ptr + offs, tl.where(ok, csp * d2, 0.0).to(dv1_ptr.dtype.element_ty), mask=mask)
+                tl.store(dv1_ptr + offs, to_element(tl.where(ok, csp * d2, 0.0), dv1_ptr), mask=mask)
             if NEED_V2:
-                tl.store(dv2_ptr + offs, tl.where(ok, csp * d1, 0.0).to(dv2_ptr.dtype.element_ty), mask=mask)
+                tl.store(dv2_ptr + offs, to_element(tl.where(ok, csp * d1, 0.0), dv2_ptr), mask=mask)
 
 
 def _use_torch(t: torch.Tensor, cd: torch.dtype) -> bool:

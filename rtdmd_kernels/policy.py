@@ -73,7 +73,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from ._triton_utils import chunk_offsets, chunk_program, per_sample_value, sample_block, stream_f32
+    from ._triton_utils import chunk_offsets, chunk_program, per_sample_value, sample_block, stream_f32, to_element
 
     @triton.jit
     def _cps_step_kernel(
@@ -89,8 +89,8 @@ if triton_available():
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         nz = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = a * x + k * v
-        tl.store(mean_ptr + offs, mean.to(mean_ptr.dtype.element_ty), mask=mask)
-        tl.store(xn_ptr + offs, (mean + c * nz).to(xn_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + offs, to_element(mean, mean_ptr), mask=mask)
+        tl.store(xn_ptr + offs, to_element(mean + c * nz, xn_ptr), mask=mask)
 
     @triton.jit
     def _logprob_partials_kernel(
@@ -222,7 +222,7 @@ if triton_available():
         dv = (go * tl.load(c1_ptr + b)) * res
         if HAS_REF:
             dv += (go * tl.load(c2_ptr + b)) * tl.load(res2_ptr + offs, mask=mask, other=0.0)
-        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + offs, to_element(dv, dv_ptr), mask=mask)
 
 
 def _use_torch(t: torch.Tensor, cd: torch.dtype) -> bool:

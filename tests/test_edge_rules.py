@@ -110,17 +110,14 @@ def test_nan_advantages_stay_nan_on_every_backend(device_backend, restandardize)
     torch.testing.assert_close(a, want, equal_nan=True)
 
 
-# The saturated bf16 gradient max/N lies between two bf16 values; torch rounds to nearest, the Triton path under the
-# CPU interpreter picks the lower one (its float32 -> bfloat16 conversion truncates). Unchecked on a GPU.
-BF16_ROUNDING = pytest.mark.xfail(strict=True, reason="issue 19: bf16 saturation one ulp apart under the interpreter")
-
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/NaN warnings in the Triton interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16_ROUNDING), torch.float16,
-                                   torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_dmd_fixed_values_agree_bit_for_bit_across_backends(dtype):
     """Where the contract fixes a value — 0 for a NaN, ±max/N·grad_out for a saturated g — every backend of the
-    machine gives the same bits as the torch path, in every dtype."""
+    machine gives the same bits as the torch path, in every dtype. In bfloat16 the saturated max/N lies between
+    two bfloat16 values: the kernels round to nearest even as torch does (by hand where the CPU interpreter's
+    conversion would truncate)."""
     backends = available_backends("cpu")
     assert "torch" in backends
     shape = (3, 4, 50)
