@@ -169,3 +169,33 @@ def test_fake_score(benchmark, op, provider, case, vdt):
         outs = (out,) if op == "fake_score_loss" else out
         for g in outs:
             assert g.shape == shape and g.dtype == v_dtype and torch.isfinite(g).all()
+
+
+def memory_step(op: str, provider: str, shape, dtype: str):
+    """``_util.cpu_peak_rss`` factory: one fwd+bwd of a loss on the CPU case, and its input bytes."""
+    c = make_case(tuple(shape), bu.DTYPES[dtype], "cpu")
+    inputs = ("v_hat", "x_s", "noise") if op == "fake_score_loss" else ("x_t", "v_hat", "x1", "v1", "x2", "v2")
+    return make_step(op, op_fn(op, provider), c, sync=False), sum(c[k].numel() * c[k].element_size() for k in inputs)
+
+
+MEM_PARAMS = [p for p in PARAMS if p.values[0] != "renoise"]
+
+
+@pytest.mark.parametrize("op,provider,case,vdt", MEM_PARAMS)
+def test_fake_score_peak_memory(benchmark, op, provider, case, vdt):
+    """Peak memory of one fwd+bwd above the inputs (``extra_info['peak_bytes']``; the single timed round is
+    incidental): CUDA allocator peak, or on CPU the peak RSS of a fresh subprocess."""
+    shape = bu.CASES[case]
+    v_dtype = bu.DTYPES[vdt]
+    c = make_case(shape, v_dtype, DEVICE)
+    step = make_step(op, op_fn(op, provider), c)
+    if DEVICE == "cuda":
+        peak = {"peak_bytes": bu.cuda_peak_bytes(step), "method": "cuda max_memory_allocated"}
+    else:
+        peak = bu.cpu_peak_rss(op, provider, shape, vdt, factory="test_fake_score:memory_step")
+    benchmark.group = f"memory {op} {case} v={vdt}"
+    bu.record(benchmark, op=op, provider=provider, case=case, dtype=vdt, nbytes=floor_bytes(op, shape, v_dtype),
+              device=DEVICE, main=c["x_s"], mode="fwd+bwd")
+    benchmark.extra_info.update({"kind": "memory", **peak})
+    benchmark.pedantic(step, rounds=1, iterations=1)
+    assert peak["peak_bytes"] >= 0

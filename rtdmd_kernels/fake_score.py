@@ -14,7 +14,7 @@ Why fused this way: every coefficient is per sample (a, sigma_ts, sigma_ts/(1-si
 made once per call from the sigmas, in float64), so the kernels are affine maps of their inputs.
 The fake-score target ``-(sigma_ts/(1-sigma_s))*x_s + beta*noise`` is formed in registers, never
 materialised; its gradient ``2*w*scale*(v_hat*scale - target)`` is made in the same pass (as h, with
-the 2 folded in) and backward only scales it (the DMD backward op). The consistency gradients are
+the 2 folded in) and backward only scales it (``_shared.scale_saved_grad``). The consistency gradients are
 per-sample multiples of the two residuals d1 = h1-h0, d2 = h2-h0, so the forward writes them once
 and one backward kernel makes all three gradients. The partial sums are per (sample, chunk) and
 reduced in a fixed order: deterministic and independent of the launch grid. The loss' NaN/inf mask
