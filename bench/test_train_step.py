@@ -35,6 +35,7 @@ def test_stage1_step(benchmark, loop, which):
                                 **{f"share_{k}": round(v, 4) for k, v in shares.items()})
     benchmark.pedantic(loop.step, args=(step,), rounds=5, iterations=1, warmup_rounds=1)
     assert abs(sum(shares.values()) - 1) < 1e-6
+    assert shares["kernels"] > 0, "no time attributed to the kernels' autograd Functions (train_step.KERNEL_FUNCTIONS)"
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +54,4 @@ def test_stage2_epoch(benchmark, loop2):
     epochs = iter(range(2, 100))
     benchmark.pedantic(lambda: loop2.epoch(next(epochs)), rounds=3, iterations=1, warmup_rounds=0)
     assert abs(sum(shares.values()) - 1) < 1e-6
+    assert shares["kernels"] > 0, "no time attributed to the kernels' autograd Functions (train_step.KERNEL_FUNCTIONS)"

@@ -25,9 +25,14 @@ from rtdmd.config import load_config  # noqa: E402
 from rtdmd.distributed import DistEnv  # noqa: E402
 from rtdmd.models import toy  # noqa: E402
 from rtdmd.stages import Stage1, Stage2, init_state  # noqa: E402
+from rtdmd_kernels import dmd as rk_dmd  # noqa: E402
+from rtdmd_kernels import fake_score as rk_fake_score  # noqa: E402
+from rtdmd_kernels import policy as rk_policy  # noqa: E402
 
-KERNEL_FUNCTIONS = ("_GeneratorLossFunction", "_RenoiseFunction", "_FakeScoreFunction", "_ConsistencyFunction",
-                    "_CPSStepFunction", "_PolicyFunction")
+# the ops' autograd Functions (one per differentiable op), read from the package so a rename cannot go stale
+KERNEL_FUNCTIONS = tuple(sorted(
+    c.__name__ for m in (rk_dmd, rk_fake_score, rk_policy) for c in vars(m).values()
+    if isinstance(c, type) and issubclass(c, torch.autograd.Function) and c is not torch.autograd.Function))
 BACKWARD = "autograd::engine::evaluate_function: "
 CATEGORIES = ("kernels", "network", "teacher", "optimizer", "other")
 
