@@ -140,8 +140,8 @@ def _affine_grad(
     B, D = (f1 if f1 is not None else f2).shape
     if cd == torch.float64 or backend_for(like) == "torch":
         a, k = C.table_columns(sched, vals, cd)[:2]
-        g = f1.to(cd) if f1 is not None else None
-        g = f2.to(cd) if g is None else (g + f2 if f2 is not None else g)
+        g = C.cast(f1, cd) if f1 is not None else None
+        g = C.cast(f2, cd) if g is None else (g + f2 if f2 is not None else g)
         dx = (g * a).to(like.dtype).view(shape) if need_x else none
         dv = (g * k).to(v_dtype).view(shape) if need_v else none
         return dx, dv

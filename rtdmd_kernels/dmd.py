@@ -273,13 +273,14 @@ def _ac_dmd_fwd(
     if backend_for(x_s) == "torch" or cd == torch.float64:
         tr = Transition(*C.table_columns(sched, sched_vals, cd))
         a, k, c = cps_coefficients(tr.sigma_t, tr.sigma_s, tr.cos_eta, tr.sin_eta)
-        v = vr2.to(cd) if vu2 is None else torch.lerp(vu2.to(cd), vr2.to(cd), tr.guidance_scale)  # CFG combine
+        vr = C.cast(vr2, cd)
+        v = vr if vu2 is None else torch.lerp(C.cast(vu2, cd), vr, tr.guidance_scale)  # CFG combine
         abs_sum, buf = None, None
         if normalize != "none":
-            buf = xt2.to(cd) * (-a)  # x_s - xs_real
-            C.add_scaled_(C.add_scaled_(buf, v, -k), nz2.to(cd), -c).add_(xs2.to(cd))
+            buf = C.cast(xt2, cd) * (-a)  # x_s - xs_real
+            C.add_scaled_(C.add_scaled_(buf, v, -k), C.cast(nz2, cd), -c).add_(C.cast(xs2, cd))
             abs_sum = buf.abs_().sum(dim=1)
-        diff = torch.sub(vf2.to(cd), v, out=buf).mul_(k)  # xs_fake - xs_real: the noise cancels
+        diff = torch.sub(C.cast(vf2, cd), v, out=buf).mul_(k)  # xs_fake - xs_real: the noise cancels
         loss, g, n, gn = _torch_tail(abs_sum, diff, normalize, eps, store_grad, x_s.dtype)
     else:
         vu_ptr = vu2 if vu2 is not None else vr2

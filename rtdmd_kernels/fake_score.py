@@ -203,8 +203,8 @@ def _renoise_fwd(x_s: torch.Tensor, noise: torch.Tensor, sched: torch.Tensor | N
     B, D = x2.shape
     if _use_torch(x_s, cd):
         a, k, _, _ = C.table_columns(sched, vals, cd)
-        out = x2.to(cd) * a
-        return C.add_scaled_(out, n2.to(cd), k).to(x_s.dtype).view(shape)
+        out = C.cast(x2, cd) * a
+        return C.add_scaled_(out, C.cast(n2, cd), k).to(x_s.dtype).view(shape)
     out = torch.empty((B, D), dtype=x_s.dtype, device=x_s.device)
     grid = (triton.cdiv(D, EW_BLOCK), B)
     _renoise_kernel[grid](x2, n2, out, sched if sched is not None else out, vals[0], vals[1], D,
@@ -255,8 +255,8 @@ def _fake_score_fwd(
         # With a gradient, h = hw*r is formed directly (hw folded into the three coefficients: one pass fewer
         # than r then h) and sum(w*r^2) = sum(h^2) * w/hw^2 = sum(h^2) / (4*w*scale^2), hw = 2*w*scale > 0.
         hw = 2.0 * w * scale if store else 1.0
-        r = v2.to(cd) * (hw * scale)
-        C.add_scaled_(C.add_scaled_(r, x2.to(cd), hw * cx), n2.to(cd), -(hw * beta))
+        r = C.cast(v2, cd) * (hw * scale)
+        C.add_scaled_(C.add_scaled_(r, C.cast(x2, cd), hw * cx), C.cast(n2, cd), -(hw * beta))
         row_w = 1.0 / (2.0 * hw * scale) if store else w  # w/hw^2
         sq = torch.linalg.vector_norm(r, dim=1).square_()
         loss = (sq.mul_(row_w.reshape(-1)) if isinstance(row_w, torch.Tensor) else sq.mul_(row_w)).sum() / N
@@ -318,9 +318,9 @@ def _consistency_fwd(
         xt, vh, a1, b1, a2, b2 = t2
         # d_i = (x_i - x_t) + st*v_hat - sp*v_i, into two new tensors (no h0: one fewer allocation, which on
         # CPU costs more than the extra pass)
-        xt, vh = xt.to(cd), vh.to(cd)
-        d1 = C.add_scaled_(C.add_scaled_(C.sub_upcast(a1, xt, cd), vh, st), b1.to(cd), -sp)
-        d2 = C.add_scaled_(C.add_scaled_(C.sub_upcast(a2, xt, cd), vh, st), b2.to(cd), -sp)
+        xt, vh = C.cast(xt, cd), C.cast(vh, cd)
+        d1 = C.add_scaled_(C.add_scaled_(C.sub_upcast(a1, xt, cd), vh, st), C.cast(b1, cd), -sp)
+        d2 = C.add_scaled_(C.add_scaled_(C.sub_upcast(a2, xt, cd), vh, st), C.cast(b2, cd), -sp)
         mean = torch.dot(d1.view(-1), d2.view(-1)) / N
         ok = torch.isfinite(mean).to(cd)
         return torch.nan_to_num(mean), ok, (d1 if store else empty), (d2 if store else empty.clone())

@@ -231,7 +231,7 @@ def _use_torch(t: torch.Tensor, cd: torch.dtype) -> bool:
 
 def _vector_columns(sched: torch.Tensor | None, vals: list[float], cd: torch.dtype) -> list:
     """The table's columns as ``[B]`` tensors in ``cd`` (the finalize's per-sample scalars), or the floats."""
-    return list(vals) if sched is None else [sched[:, i].to(cd) for i in range(NCOL)]
+    return list(vals) if sched is None else list(C.cast(sched, cd).t().unbind(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def _cps_step_fwd(
     B, D = x2.shape
     if _use_torch(x, cd):
         a, k, c = C.table_columns(sched, vals, cd)[:3]
-        mean = x2 * a if x2.dtype == cd else x2.to(cd) * a
+        mean = C.cast(x2, cd) * a
         C.add_scaled_(mean, v2, k)
         xn = C.add_scaled(mean, n2, c)
         return xn.to(x.dtype).view(shape), mean.to(x.dtype).view(shape)
@@ -291,7 +291,7 @@ class _CPSStep(torch.autograd.Function):
 
 def _residual(x2, v2, xn2, a, k, cd):
     """x_next - (a*x + k*v) in ``cd``, two passes: xn + (-a)*x into a new tensor, then += (-k)*v."""
-    xn = xn2 if xn2.dtype == cd else xn2.to(cd)
+    xn = C.cast(xn2, cd)
     res = torch.addcmul(xn, x2, a.neg()) if isinstance(a, torch.Tensor) else torch.add(xn, x2, alpha=-a)
     return C.add_scaled_(res, v2, k.neg() if isinstance(k, torch.Tensor) else -k)
 
@@ -363,7 +363,7 @@ def _policy_fwd(
         sq = _row_sumsq(res)
         sq2 = res2 = None
         if has_ref:
-            res2 = torch.sub(v2.to(cd), v_ref.reshape(B, D).to(cd)).mul_(k)  # mean - mean_ref
+            res2 = torch.sub(C.cast(v2, cd), C.cast(v_ref.reshape(B, D), cd)).mul_(k)  # mean - mean_ref
             sq2 = _row_sumsq(res2)
         k1, sd1, kl1 = _vector_columns(sched, vals, cd)[1:]
         loss, logp, stats, c1, c2 = _finalize_torch(sq, sq2, D, kind, k1, sd1, kl1, ppo, old_logp, advantages,
@@ -412,7 +412,7 @@ def _policy_bwd(
     has_ref = res2.numel() > 0
     cd = C.compute_dtype(like, v if recompute else None, c1)
     if _use_torch(like, cd):
-        scale1 = (go.to(cd) * c1.to(cd)).reshape(-1, 1).expand(B, 1)
+        scale1 = (C.cast(go, cd) * C.cast(c1, cd)).reshape(-1, 1).expand(B, 1)
         if recompute:
             a, k = C.table_columns(sched, vals, cd)[:2]
             x2, v2, xn2 = C.flat(x), C.flat(v), C.flat(x_next)
@@ -420,7 +420,7 @@ def _policy_bwd(
         else:
             dv = res * scale1
             if has_ref:
-                dv.addcmul_(res2, (go.to(cd) * c2.to(cd)).reshape(-1, 1).expand(B, 1))
+                dv.addcmul_(res2, (C.cast(go, cd) * C.cast(c2, cd)).reshape(-1, 1).expand(B, 1))
         return dv.to(v_dtype).view(shape)
     D = math.prod(shape[1:])
     dv = torch.empty((B, D), dtype=v_dtype, device=c1.device)
