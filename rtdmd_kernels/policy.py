@@ -403,13 +403,16 @@ def _policy_bwd(
     res: torch.Tensor, res2: torch.Tensor, x: torch.Tensor | None, v: torch.Tensor | None,
     x_next: torch.Tensor | None, c1: torch.Tensor, c2: torch.Tensor, go: torch.Tensor,
     sched: torch.Tensor | None, vals: list[float], recompute: bool, shape: list[int], v_dtype: torch.dtype,
+    donate: bool,
 ) -> torch.Tensor:
-    """dv = go_b * (c1_b * res + c2_b * res2) in ``v_dtype``; res recomputed from x, v, x_next if asked."""
+    """dv = go_b * (c1_b * res + c2_b * res2) in ``v_dtype``; res recomputed from x, v, x_next if asked.
+    ``donate``: res is read for the last time, so dv may be written over it where the dtypes agree."""
     B = shape[0]
     like = x if recompute else res
     if math.prod(shape) == 0:
         return torch.zeros(shape, dtype=v_dtype, device=c1.device)
     has_ref = res2.numel() > 0
+    over_res = donate and not recompute and v_dtype == res.dtype
     cd = C.compute_dtype(like, v if recompute else None, c1)
     if _use_torch(like, cd):
         scale1 = (C.cast(go, cd) * C.cast(c1, cd)).reshape(-1, 1).expand(B, 1)
@@ -418,12 +421,12 @@ def _policy_bwd(
             x2, v2, xn2 = C.flat(x), C.flat(v), C.flat(x_next)
             dv = _residual(x2, v2, xn2, a, k, cd).mul_(scale1)
         else:
-            dv = res * scale1
+            dv = torch.mul(res, scale1, out=res if over_res else None)
             if has_ref:
                 dv.addcmul_(res2, (C.cast(go, cd) * C.cast(c2, cd)).reshape(-1, 1).expand(B, 1))
         return dv.to(v_dtype).view(shape)
     D = math.prod(shape[1:])
-    dv = torch.empty((B, D), dtype=v_dtype, device=c1.device)
+    dv = res if over_res else torch.empty((B, D), dtype=v_dtype, device=c1.device)  # each program reads, then writes
     go32 = go.reshape(-1).to(torch.float32).contiguous()
     if recompute:
         x2, v2, xn2 = C.flat(x), C.flat(v), C.flat(x_next)
@@ -455,7 +458,7 @@ def _policy_fwd_fake(x, v, x_next, v_ref, old_logp, advantages, sched, vals, kin
 _policy_fwd_op = C.KernelOp("policy_fwd", _policy_fwd, _policy_fwd_fake)
 _policy_bwd_op = C.KernelOp(
     "policy_bwd", _policy_bwd,
-    lambda res, res2, x, v, x_next, c1, c2, go, sched, vals, recompute, shape, v_dtype:
+    lambda res, res2, x, v, x_next, c1, c2, go, sched, vals, recompute, shape, v_dtype, donate:
     c1.new_empty(shape, dtype=v_dtype))
 
 
@@ -473,7 +476,8 @@ class _LogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp):
         res, res2, c1, c2, sched, x, v, x_next = ctx.saved_tensors
-        dv = _policy_bwd_op(res, res2, x, v, x_next, c1, c2, g_logp, sched, ctx.vals, True, ctx.shape, ctx.v_dtype)
+        dv = _policy_bwd_op(res, res2, x, v, x_next, c1, c2, g_logp, sched, ctx.vals, True, ctx.shape, ctx.v_dtype,
+                            False)
         return None, dv, None, None, None, None
 
 
@@ -496,7 +500,7 @@ class _PPOClipLoss(torch.autograd.Function):
         if res.numel() != math.prod(ctx.shape):
             raise RuntimeError("rtdmd_kernels: the loss was computed with v.requires_grad=False or under no_grad")
         dv = _policy_bwd_op(res, res2, None, None, None, c1, c2, g_loss, sched, ctx.vals, False, ctx.shape,
-                            ctx.v_dtype)
+                            ctx.v_dtype, C.saved_tensors_used_once())
         return (None, dv) + (None,) * 11
 
 
