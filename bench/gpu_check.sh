@@ -58,7 +58,7 @@ fi
 
 PYTEST_RC=skipped
 if [ "${GPU_CHECK_SKIP_PYTEST:-0}" != "1" ]; then
-  K="${GPU_CHECK_PYTEST_K:-(dmd or backend or aot or policy or advantage or fake_score) and not inductor}"
+  K="${GPU_CHECK_PYTEST_K:-(dmd or backend or aot or policy or advantage or fake_score or edge_rules or saved_grad or anatomy) and not inductor}"
   echo
   echo "== pytest tests/ -q -x -k \"$K\" ${GPU_CHECK_PYTEST_EXTRA:-}  (cuda=$HAVE_CUDA, t=$(( $(date +%s) - T_START ))s)"
   # shellcheck disable=SC2086
