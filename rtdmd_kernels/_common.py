@@ -213,8 +213,3 @@ def saved_tensors_used_once() -> bool:
         return not keep_graph()
     except RuntimeError:  # no graph task (the backward called by hand)
         return False
-
-
-def kernel_op(name: str, fake):
-    """Decorator form of :class:`KernelOp`."""
-    return lambda launcher: KernelOp(name, launcher, fake)
